@@ -1,0 +1,139 @@
+// The one pybind11 module of vlmfast: vlmfast._C. Tensors arrive as descriptors
+// (data_ptr, dtype_code, sizes, strides, device) built by vlmfast/_C_loader.py::tensor_view; the Python side
+// owns the tensors and keeps them alive for the duration of the call. No libtorch is linked.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <omp.h>
+
+#include <string>
+
+#include "calibration_bins.h"
+#include "tensor.h"
+#include "vlmfast_build_config.h"
+
+#ifdef VLMFAST_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace py = pybind11;
+using vlmfast::CalibrationBinsArgs;
+using vlmfast::DType;
+using vlmfast::TensorView;
+
+namespace {
+
+TensorView to_view(const py::handle& obj, const char* name) {
+  TensorView v;
+  if (obj.is_none()) return v;  // ptr == 0: "not given"
+  auto t = py::reinterpret_borrow<py::tuple>(obj);
+  VLMFAST_CHECK(t.size() == 5, name, ": expected a (ptr, dtype, sizes, strides, device) descriptor");
+  v.ptr = t[0].cast<std::uintptr_t>();
+  const int code = t[1].cast<int>();
+  VLMFAST_CHECK(code >= 0 && code <= 9, name, ": unknown dtype code ", code);
+  v.dtype = static_cast<DType>(code);
+  v.sizes = t[2].cast<std::vector<int64_t>>();
+  v.strides = t[3].cast<std::vector<int64_t>>();
+  v.device = t[4].cast<int>();
+  VLMFAST_CHECK(v.sizes.size() == v.strides.size(), name, ": sizes and strides differ in length");
+  return v;
+}
+
+CalibrationBinsArgs make_args(const py::object& logits, const py::object& labels, int64_t n_bins,
+                              const py::object& bin_count, const py::object& bin_correct, const py::object& bin_conf,
+                              const py::object& sums, const py::object& nonfinite, const py::object& sample_conf,
+                              const py::object& sample_correct) {
+  CalibrationBinsArgs a;
+  a.logits = to_view(logits, "logits");
+  a.labels = to_view(labels, "labels");
+  a.n_bins = n_bins;
+  a.bin_count = to_view(bin_count, "bin_count");
+  a.bin_correct = to_view(bin_correct, "bin_correct");
+  a.bin_conf = to_view(bin_conf, "bin_conf");
+  a.sums = to_view(sums, "sums");
+  a.nonfinite = to_view(nonfinite, "nonfinite");
+  a.sample_conf = to_view(sample_conf, "sample_conf");
+  a.sample_correct = to_view(sample_correct, "sample_correct");
+  return a;
+}
+
+py::tuple cuda_device_count() {
+#ifdef VLMFAST_WITH_CUDA
+  int n = 0;
+  const cudaError_t err = cudaGetDeviceCount(&n);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky error so later calls see a clean state
+    return py::make_tuple(0, std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err));
+  }
+  return py::make_tuple(n, std::string());
+#else
+  return py::make_tuple(0, std::string("vlmfast._C was built without CUDA"));
+#endif
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["version"] = VLMFAST_VERSION;
+  d["build_type"] = VLMFAST_BUILD_TYPE;
+  d["compiler"] = VLMFAST_CXX_COMPILER;
+  d["openmp"] = omp_get_max_threads();
+  d["openmp_version"] = _OPENMP;
+#ifdef VLMFAST_WITH_CUDA
+  d["cuda"] = true;
+  d["cuda_version"] = VLMFAST_CUDA_VERSION;
+  d["cuda_archs"] = VLMFAST_CUDA_ARCHS;
+#else
+  d["cuda"] = false;
+  d["cuda_version"] = py::none();
+  d["cuda_archs"] = py::none();
+#endif
+  d["ops"] = py::make_tuple("calibration_bins");
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "vlmfast compiled kernels (CPU with OpenMP; CUDA when built with nvcc)";
+  m.attr("__version__") = VLMFAST_VERSION;
+  m.def("build_info", &build_info,
+        "Build facts: version, build_type, compiler, openmp (max threads), cuda (bool), cuda_version, cuda_archs, ops.");
+  m.def("cuda_device_count", &cuda_device_count,
+        "(count, error) from the CUDA runtime; (0, reason) when unavailable. Never raises.");
+
+  m.def(
+      "calibration_bins_cpu",
+      [](const py::object& logits, const py::object& labels, int64_t n_bins, const py::object& bin_count,
+         const py::object& bin_correct, const py::object& bin_conf, const py::object& sums,
+         const py::object& nonfinite, const py::object& sample_conf, const py::object& sample_correct,
+         int num_threads) {
+        CalibrationBinsArgs a = make_args(logits, labels, n_bins, bin_count, bin_correct, bin_conf, sums, nonfinite,
+                                          sample_conf, sample_correct);
+        py::gil_scoped_release nogil;
+        vlmfast::calibration_bins_cpu(a, num_threads);
+      },
+      py::arg("logits"), py::arg("labels"), py::arg("n_bins"), py::arg("bin_count"), py::arg("bin_correct"),
+      py::arg("bin_conf"), py::arg("sums"), py::arg("nonfinite"), py::arg("sample_conf"), py::arg("sample_correct"),
+      py::arg("num_threads") = 0,
+      "Accumulate calibration bins for (M, N, C) CPU logits into zero-initialised outputs (see calibration_bins.h).");
+
+  m.def(
+      "calibration_bins_cuda",
+      [](const py::object& logits, const py::object& labels, int64_t n_bins, const py::object& bin_count,
+         const py::object& bin_correct, const py::object& bin_conf, const py::object& sums,
+         const py::object& nonfinite, const py::object& sample_conf, const py::object& sample_correct,
+         std::uintptr_t stream) {
+#ifdef VLMFAST_WITH_CUDA
+        CalibrationBinsArgs a = make_args(logits, labels, n_bins, bin_count, bin_correct, bin_conf, sums, nonfinite,
+                                          sample_conf, sample_correct);
+        py::gil_scoped_release nogil;
+        vlmfast::calibration_bins_cuda(a, stream);
+#else
+        throw std::runtime_error("vlmfast._C was built without CUDA (no nvcc at build time)");
+#endif
+      },
+      py::arg("logits"), py::arg("labels"), py::arg("n_bins"), py::arg("bin_count"), py::arg("bin_correct"),
+      py::arg("bin_conf"), py::arg("sums"), py::arg("nonfinite"), py::arg("sample_conf"), py::arg("sample_correct"),
+      py::arg("stream") = 0,
+      "Same as calibration_bins_cpu for CUDA tensors, launched asynchronously on `stream`.");
+}

@@ -1,0 +1,398 @@
+"""The op ``calibration_bins``: calibration sufficient statistics for M models x N samples in one pass.
+
+For logits ``(M, N, C)`` (or ``(N, C)``) and labels ``(N,)`` shared by all models (or ``(M, N)``), every backend
+computes per row, with the softmax taken on the fly (online max; the ``(M, N, C)`` probabilities never exist):
+
+* confidence ``conf = max_c p_c`` and prediction ``argmax_c x_c`` (ties go to the lowest class index, as
+  ``torch.argmax``), correct = prediction == label;
+* NLL ``logsumexp(x) - x_y`` and Brier ``sum_c p_c^2 - 2 p_y + 1``, in float32 (float64 for float64 logits);
+
+and accumulates per model and confidence bin: the count, the sum of confidences and the number correct; per
+model: the sums of NLL and Brier. Optionally it also returns the per-sample confidence and correctness
+``(M, N)``, which equal-mass bins (ACE), per-batch ECE and PIECE need.
+
+**Bins.** ``n_bins`` equal-width bins on [0, 1]: bin ``b`` holds ``b/n_bins <= conf < (b+1)/n_bins`` with exact
+real-number edges (``floor(conf * n_bins)`` evaluated in float64), except the last, which is closed,
+``[1 - 1/n_bins, 1]``: a confidence of exactly 1.0 (a saturated softmax) lands in the last bin. This equals
+netcal and equals torchmetrics wherever torchmetrics is correct (torchmetrics puts conf == 1.0 in a hidden
+extra bin). Such samples are also counted apart in ``saturated_count``/``saturated_correct`` so that the DAC/DOR
+reference convention (which leaves them out of the bin means) can be reproduced.
+
+Backends: ``triton`` (``kernels/calibration_bins.py``), ``cuda`` (``csrc/cuda/calibration_bins.cu``), ``cpp``
+(``csrc/calibration_bins.cpp``), ``torch`` (:func:`calibration_bins_ref`, the oracle), chosen by
+:mod:`vlmfast._dispatch`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vlmfast import _dispatch
+from vlmfast._C_loader import get_C, tensor_view
+
+OP = "calibration_bins"
+MAX_BINS = 1 << 20
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass
+class CalibrationBins:
+    """Sufficient statistics of one :func:`calibration_bins` call. Shapes: M models, ``n_bins`` bins.
+
+    ``bin_*`` follow the standard convention (last bin closed, conf == 1.0 inside it). ``confidence`` and
+    ``correct`` are ``(M, N)`` when requested with ``return_samples=True``, else None.
+    """
+
+    n_bins: int
+    n_samples: int
+    bin_count: torch.Tensor  # (M, n_bins) int64
+    bin_correct: torch.Tensor  # (M, n_bins) int64
+    bin_conf_sum: torch.Tensor  # (M, n_bins) float64
+    saturated_count: torch.Tensor  # (M,) int64: samples with conf == 1.0 exactly (inside the last bin)
+    saturated_correct: torch.Tensor  # (M,) int64
+    nll_sum: torch.Tensor  # (M,) float64
+    brier_sum: torch.Tensor  # (M,) float64
+    confidence: torch.Tensor | None = None  # (M, N) float32
+    correct: torch.Tensor | None = None  # (M, N) bool
+    backend: str = "torch"
+
+    @property
+    def n_correct(self) -> torch.Tensor:
+        return self.bin_correct.sum(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation (shared with vlmfast.metrics)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _as_tensor(x: Any, name: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    try:
+        return torch.as_tensor(x)
+    except Exception as exc:
+        raise TypeError(f"{name}: expected a tensor or array-like, got {type(x).__name__} ({exc})") from None
+
+
+def check_n_bins(n_bins: Any, name: str = "n_bins") -> int:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int):
+        if isinstance(n_bins, torch.Tensor) and n_bins.numel() == 1 and not n_bins.is_floating_point():
+            n_bins = int(n_bins.item())
+        else:
+            raise TypeError(f"{name}: expected an int, got {type(n_bins).__name__} ({n_bins!r})")
+    if n_bins < 1 or n_bins > MAX_BINS:
+        raise ValueError(f"{name}: expected 1 <= {name} <= {MAX_BINS}, got {n_bins}")
+    return int(n_bins)
+
+
+def check_inputs(logits: Any, labels: Any, n_bins: Any) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """Validate and normalise: returns ``(logits (M, N, C), labels (M, N) int32/int64, n_bins, squeezed)``.
+
+    ``squeezed`` is True for 2-D input (results then drop the model dimension). Labels shared by all models come
+    back as an expanded (stride-0) view, not a copy.
+    """
+    n_bins = check_n_bins(n_bins)
+    logits = _as_tensor(logits, "logits")
+    labels = _as_tensor(labels, "labels")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logits: expected float32, float16, bfloat16 or float64, got {logits.dtype}")
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits: expected shape (N, C) or (M, N, C), got {tuple(logits.shape)}")
+    squeezed = logits.dim() == 2
+    if squeezed:
+        logits = logits.unsqueeze(0)
+    M, N, C = logits.shape
+    if M == 0 or N == 0 or C == 0:
+        raise ValueError(f"logits: empty input, every dimension must be >= 1, got {tuple(logits.shape[int(squeezed):])}")
+    if N >= 2**31:
+        raise ValueError(f"logits: at most 2**31 - 1 samples per model, got N = {N}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels: expected an integer tensor, got {labels.dtype}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels: expected on the logits' device {logits.device}, got {labels.device}")
+    if labels.dim() == 1:
+        if labels.shape[0] != N:
+            raise ValueError(f"labels: expected shape ({N},) to match logits (N = {N}), got {tuple(labels.shape)}")
+        labels = labels.unsqueeze(0).expand(M, N)
+    elif labels.dim() == 2 and not squeezed:
+        if tuple(labels.shape) != (M, N):
+            raise ValueError(f"labels: expected shape ({N},) or ({M}, {N}), got {tuple(labels.shape)}")
+    else:
+        want = f"({N},)" if squeezed else f"({N},) or ({M}, {N})"
+        raise ValueError(f"labels: expected shape {want}, got {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        labels = labels.to(torch.int64)
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= C:
+        bad = ((labels < 0) | (labels >= C)).nonzero()[0].tolist()
+        where = f"sample {bad[1]}" if squeezed or labels.stride(0) == 0 else f"model {bad[0]}, sample {bad[1]}"
+        raise ValueError(
+            f"labels: expected values in [0, {C}) (C = {C} classes), got {int(labels[bad[0], bad[1]])} at {where}"
+        )
+    return logits, labels, n_bins, squeezed
+
+
+def _raise_nonfinite(logits: torch.Tensor, nonfinite: torch.Tensor, squeezed: bool) -> None:
+    bad_models = nonfinite.nonzero().flatten().tolist()
+    m = bad_models[0]
+    rows = (~torch.isfinite(logits[m])).nonzero()
+    n, c = rows[0].tolist()
+    value = float(logits[m, n, c])
+    where = f"sample {n}, class {c}" if squeezed else f"model {m}, sample {n}, class {c}"
+    total = int(nonfinite.sum())
+    raise ValueError(
+        f"logits: expected finite values, got {value} at {where} ({total} row(s) with NaN or inf"
+        + ("" if squeezed else f" in model(s) {bad_models[:10]}{'...' if len(bad_models) > 10 else ''}")
+        + ")"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Torch reference (also the CPU/GPU fallback and the test oracle)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _row_stats_ref(x: torch.Tensor, y: torch.Tensor):
+    """Per-row statistics for logits ``x (..., C)`` and labels ``y (...)``, computed in float32 (float64 stays)."""
+    xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    finite = torch.isfinite(xf).all(dim=-1)
+    xf = torch.where(finite.unsqueeze(-1), xf, torch.zeros((), dtype=xf.dtype, device=xf.device))
+    pred = xf.argmax(dim=-1)
+    mx = xf.gather(-1, pred.unsqueeze(-1)).squeeze(-1)
+    e = torch.exp(xf - mx.unsqueeze(-1))
+    s = e.sum(dim=-1)
+    s2 = (e * e).sum(dim=-1)
+    xy = xf.gather(-1, y.unsqueeze(-1).long()).squeeze(-1)
+    conf = 1.0 / s
+    nll = mx + torch.log(s) - xy
+    brier = s2 / (s * s) - 2.0 * torch.exp(xy - mx) / s + 1.0
+    return conf, pred, nll, brier, finite
+
+
+def _accumulate(
+    conf: torch.Tensor, correct: torch.Tensor, nll, brier, finite, m_idx: torch.Tensor, n_bins: int, outs: dict
+) -> None:
+    nb1 = n_bins + 1
+    b = torch.floor(conf.to(torch.float64) * n_bins).long().clamp_(0, n_bins)
+    key = (m_idx * nb1 + b)[finite]
+    ones = torch.ones_like(key)
+    outs["bin_count"].view(-1).index_add_(0, key, ones)
+    outs["bin_correct"].view(-1).index_add_(0, key, correct[finite].long())
+    outs["bin_conf"].view(-1).index_add_(0, key, conf[finite].to(torch.float64))
+    mf = m_idx[finite]
+    outs["sums"][:, 0].index_add_(0, mf, nll[finite].to(torch.float64))
+    outs["sums"][:, 1].index_add_(0, mf, brier[finite].to(torch.float64))
+    outs["nonfinite"].index_add_(0, m_idx[~finite], torch.ones_like(m_idx[~finite]))
+
+
+def _run_torch(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, outs: dict, chunk_elems: int = 1 << 24):
+    M, N, C = logits.shape
+    rows_per_chunk = max(1, chunk_elems // C)
+    for m in range(M):
+        for n0 in range(0, N, rows_per_chunk):
+            n1 = min(N, n0 + rows_per_chunk)
+            x = logits[m, n0:n1]
+            y = labels[m, n0:n1]
+            conf, pred, nll, brier, finite = _row_stats_ref(x, y)
+            correct = pred == y
+            m_idx = torch.full((n1 - n0,), m, dtype=torch.long, device=logits.device)
+            _accumulate(conf, correct, nll, brier, finite, m_idx, n_bins, outs)
+            if outs.get("sample_conf") is not None:
+                outs["sample_conf"][m, n0:n1] = conf.to(torch.float32)
+                outs["sample_correct"][m, n0:n1] = correct & finite
+
+
+def calibration_bins_ref(
+    logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15, return_samples: bool = False
+) -> CalibrationBins:
+    """Torch reference of :func:`calibration_bins` (same inputs and result); the oracle of the tests."""
+    return calibration_bins(logits, labels, n_bins, return_samples=return_samples, backend="torch")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backend entries. All share one contract: zero-initialised output buffers, accumulated into.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_torch(**inputs) -> list[str]:
+    return []
+
+
+def _check_cpp(logits: torch.Tensor, n_bins: int, **_) -> list[str]:
+    reasons = []
+    if logits.device.type != "cpu":
+        reasons.append(f"needs CPU tensors, got {logits.device}")
+    if logits.dtype not in FLOAT_DTYPES:
+        reasons.append(f"dtype {logits.dtype} unsupported")
+    return reasons
+
+
+def _check_cuda(logits: torch.Tensor, n_bins: int, **_) -> list[str]:
+    reasons = []
+    if logits.device.type != "cuda":
+        reasons.append(f"needs CUDA tensors, got {logits.device}")
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        reasons.append(f"dtype {logits.dtype} unsupported (float32, float16, bfloat16)")
+    if n_bins > 4096:
+        reasons.append(f"n_bins = {n_bins} > 4096 (bins live in shared memory)")
+    return reasons
+
+
+def _check_triton(logits: torch.Tensor, n_bins: int, **_) -> list[str]:
+    reasons = []
+    if logits.device.type == "cpu":
+        if not _dispatch.triton_interpreting():
+            reasons.append("needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)")
+    elif logits.device.type != "cuda":
+        reasons.append(f"needs CUDA tensors, got {logits.device}")
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        reasons.append(f"dtype {logits.dtype} unsupported (float32, float16, bfloat16)")
+    if n_bins > 1024:
+        reasons.append(f"n_bins = {n_bins} > 1024 (bins are kept in registers)")
+    return reasons
+
+
+@_dispatch.register(OP, "torch", _check_torch)
+def _calibration_bins_torch(logits, labels, n_bins, outs):
+    _run_torch(logits, labels, n_bins, outs)
+
+
+@_dispatch.register(OP, "cpp", _check_cpp)
+def _calibration_bins_cpp(logits, labels, n_bins, outs):
+    C = get_C()
+    C.calibration_bins_cpu(
+        tensor_view(logits),
+        tensor_view(labels),
+        n_bins,
+        tensor_view(outs["bin_count"]),
+        tensor_view(outs["bin_correct"]),
+        tensor_view(outs["bin_conf"]),
+        tensor_view(outs["sums"]),
+        tensor_view(outs["nonfinite"]),
+        tensor_view(outs.get("sample_conf")),
+        tensor_view(outs.get("sample_correct")),
+        torch.get_num_threads(),
+    )
+
+
+@_dispatch.register(OP, "cuda", _check_cuda)
+def _calibration_bins_cuda(logits, labels, n_bins, outs):
+    C = get_C()
+    with torch.cuda.device(logits.device):
+        stream = torch.cuda.current_stream(logits.device).cuda_stream
+        C.calibration_bins_cuda(
+            tensor_view(logits),
+            tensor_view(labels),
+            n_bins,
+            tensor_view(outs["bin_count"]),
+            tensor_view(outs["bin_correct"]),
+            tensor_view(outs["bin_conf"]),
+            tensor_view(outs["sums"]),
+            tensor_view(outs["nonfinite"]),
+            tensor_view(outs.get("sample_conf")),
+            tensor_view(outs.get("sample_correct")),
+            stream,
+        )
+
+
+@_dispatch.register(OP, "triton", _check_triton, module="vlmfast.kernels.calibration_bins")
+def _calibration_bins_triton(logits, labels, n_bins, outs):
+    from vlmfast.kernels.calibration_bins import calibration_bins_forward
+
+    calibration_bins_forward(logits, labels, n_bins, outs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public entry
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _empty_outputs(M: int, N: int, n_bins: int, device: torch.device, return_samples: bool) -> dict:
+    nb1 = n_bins + 1
+    outs = {
+        "bin_count": torch.zeros(M, nb1, dtype=torch.int64, device=device),
+        "bin_correct": torch.zeros(M, nb1, dtype=torch.int64, device=device),
+        "bin_conf": torch.zeros(M, nb1, dtype=torch.float64, device=device),
+        "sums": torch.zeros(M, 2, dtype=torch.float64, device=device),
+        "nonfinite": torch.zeros(M, dtype=torch.int64, device=device),
+        "sample_conf": None,
+        "sample_correct": None,
+    }
+    if return_samples:
+        outs["sample_conf"] = torch.zeros(M, N, dtype=torch.float32, device=device)
+        outs["sample_correct"] = torch.zeros(M, N, dtype=torch.bool, device=device)
+    return outs
+
+
+def run_calibration_bins(
+    logits: torch.Tensor, labels: torch.Tensor, n_bins: int, return_samples: bool, backend: str | None, squeezed: bool
+) -> CalibrationBins:
+    """Run on already validated ``(M, N, C)`` logits and ``(M, N)`` labels (see :func:`check_inputs`)."""
+    M, N, _ = logits.shape
+    impl = _dispatch.select(OP, backend, logits=logits, n_bins=n_bins)
+    outs = _empty_outputs(M, N, n_bins, logits.device, return_samples)
+    impl.fn(logits, labels, n_bins, outs)
+    nonfinite = outs["nonfinite"]
+    if bool((nonfinite > 0).any()):
+        _raise_nonfinite(logits, nonfinite, squeezed)
+    count, correct, conf = outs["bin_count"], outs["bin_correct"], outs["bin_conf"]
+    # Fold slot n_bins (conf == 1.0 exactly) into the last bin; keep it apart as well.
+    sat_count, sat_correct = count[:, n_bins].clone(), correct[:, n_bins].clone()
+    count = count[:, :n_bins].clone()
+    correct = correct[:, :n_bins].clone()
+    conf = conf[:, :n_bins].clone()
+    count[:, -1] += sat_count
+    correct[:, -1] += sat_correct
+    conf[:, -1] += outs["bin_conf"][:, n_bins]
+    return CalibrationBins(
+        n_bins=n_bins,
+        n_samples=N,
+        bin_count=count,
+        bin_correct=correct,
+        bin_conf_sum=conf,
+        saturated_count=sat_count,
+        saturated_correct=sat_correct,
+        nll_sum=outs["sums"][:, 0].clone(),
+        brier_sum=outs["sums"][:, 1].clone(),
+        confidence=outs["sample_conf"],
+        correct=outs["sample_correct"],
+        backend=impl.backend,
+    )
+
+
+def calibration_bins(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    n_bins: int = 15,
+    *,
+    return_samples: bool = False,
+    backend: str | None = None,
+) -> CalibrationBins:
+    """Calibration sufficient statistics for ``(M, N, C)`` or ``(N, C)`` logits in one pass (see module docs).
+
+    Args:
+        logits: ``(M, N, C)`` or ``(N, C)``, float32/float16/bfloat16/float64, any strides, CPU or CUDA.
+        labels: ``(N,)`` shared by all models, or ``(M, N)``; integer, values in ``[0, C)``.
+        n_bins: number of equal-width confidence bins (>= 1).
+        return_samples: also return per-sample ``confidence`` (float32) and ``correct`` (bool), ``(M, N)``.
+        backend: force ``"triton"``, ``"cuda"``, ``"cpp"`` or ``"torch"`` (default: the first that can run;
+            the environment variable ``VLMFAST_BACKEND`` does the same).
+
+    Returns:
+        :class:`CalibrationBins`, always with a model dimension (M = 1 for 2-D logits).
+
+    Raises:
+        TypeError: non-float logits, non-integer labels, non-int n_bins.
+        ValueError: shapes that do not match, empty input, labels out of range, NaN/inf logits (the message
+            names the model, sample and class).
+        vlmfast.BackendError: the forced backend cannot run these inputs (the message lists every backend).
+    """
+    logits, labels, n_bins, squeezed = check_inputs(logits, labels, n_bins)
+    if not isinstance(return_samples, bool):
+        raise TypeError(f"return_samples: expected a bool, got {type(return_samples).__name__}")
+    return run_calibration_bins(logits, labels, n_bins, return_samples, backend, squeezed)
+
