@@ -66,8 +66,8 @@ VLMFAST_INLINE float exp_nonpos(float x) { return exp_nonpos(splat(x))[0]; }
 
 struct RowResult {
   float conf;
-  float nll;
-  float brier;
+  double nll;    // float32 math for float32/16 rows, float64 for float64 rows
+  double brier;
   int64_t pred;
   bool finite;
 };
@@ -147,8 +147,8 @@ RowResult row_stats_f64(const double* row, int64_t sc, int64_t C, int64_t y, dou
   out.pred = pred;
   *conf64 = 1.0 / s;
   out.conf = static_cast<float>(*conf64);
-  out.nll = static_cast<float>(mx + std::log(s) - xy);
-  out.brier = static_cast<float>(s2 / (s * s) - 2.0 * py + 1.0);
+  out.nll = mx + std::log(s) - xy;
+  out.brier = s2 / (s * s) - 2.0 * py + 1.0;
   return out;
 }
 
@@ -185,9 +185,15 @@ VLMFAST_INLINE void record(const Ctx& ctx, Accum& acc, int64_t m, int64_t n, con
   acc.count[slot] += 1;
   acc.correct[slot] += correct ? 1 : 0;
   acc.conf[slot] += conf_exact;
-  acc.sums[2 * m] += static_cast<double>(r.nll);
-  acc.sums[2 * m + 1] += static_cast<double>(r.brier);
-  if (a.sample_conf.ptr) a.sample_conf.data<float>()[m * ctx.N + n] = r.conf;
+  acc.sums[2 * m] += r.nll;
+  acc.sums[2 * m + 1] += r.brier;
+  if (a.sample_conf.ptr) {
+    if (a.sample_conf.dtype == DType::Float64) {
+      a.sample_conf.data<double>()[m * ctx.N + n] = conf_exact;
+    } else {
+      a.sample_conf.data<float>()[m * ctx.N + n] = r.conf;
+    }
+  }
   if (a.sample_correct.ptr) a.sample_correct.data<uint8_t>()[m * ctx.N + n] = correct ? 1 : 0;
 }
 
@@ -293,7 +299,7 @@ void check_calibration_bins_args(const CalibrationBinsArgs& a, bool cuda) {
                 M, ", 2)");
   VLMFAST_CHECK(a.nonfinite.size(0) == M && is_contiguous(a.nonfinite), "nonfinite: expected contiguous (", M, ",)");
   if (a.sample_conf.ptr) {
-    check_view(a.sample_conf, "sample_conf", DType::Float32, 2, dev);
+    check_view(a.sample_conf, "sample_conf", x.dtype == DType::Float64 ? DType::Float64 : DType::Float32, 2, dev);
     VLMFAST_CHECK(a.sample_conf.size(0) == M && a.sample_conf.size(1) == N && is_contiguous(a.sample_conf),
                   "sample_conf: expected contiguous (", M, ", ", N, ")");
   }

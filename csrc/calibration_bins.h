@@ -28,7 +28,7 @@ struct CalibrationBinsArgs {
   TensorView bin_conf;        // (M, n_bins + 1) float64: sum of confidences
   TensorView sums;            // (M, 2) float64: [sum of NLL, sum of Brier]
   TensorView nonfinite;       // (M,) int64: rows with a non-finite logit
-  TensorView sample_conf;     // (M, N) float32, or ptr == 0 when not requested
+  TensorView sample_conf;     // (M, N) float32 (float64 for float64 logits), or ptr == 0 when not requested
   TensorView sample_correct;  // (M, N) bool, or ptr == 0 when not requested
 };
 

@@ -43,7 +43,7 @@ class CalibrationBins:
     """Sufficient statistics of one :func:`calibration_bins` call. Shapes: M models, ``n_bins`` bins.
 
     ``bin_*`` follow the standard convention (last bin closed, conf == 1.0 inside it). ``confidence`` and
-    ``correct`` are ``(M, N)`` when requested with ``return_samples=True``, else None.
+    ``correct`` are ``(M, N)`` when requested with ``return_samples=True``, else None (float64 for float64 logits, else float32).
     """
 
     n_bins: int
@@ -55,7 +55,7 @@ class CalibrationBins:
     saturated_correct: torch.Tensor  # (M,) int64
     nll_sum: torch.Tensor  # (M,) float64
     brier_sum: torch.Tensor  # (M,) float64
-    confidence: torch.Tensor | None = None  # (M, N) float32
+    confidence: torch.Tensor | None = None  # (M, N) float32 (float64 for float64 logits)
     correct: torch.Tensor | None = None  # (M, N) bool
     backend: str = "torch"
 
@@ -202,7 +202,7 @@ def _run_torch(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, outs: di
             m_idx = torch.full((n1 - n0,), m, dtype=torch.long, device=logits.device)
             _accumulate(conf, correct, nll, brier, finite, m_idx, n_bins, outs)
             if outs.get("sample_conf") is not None:
-                outs["sample_conf"][m, n0:n1] = conf.to(torch.float32)
+                outs["sample_conf"][m, n0:n1] = conf.to(outs["sample_conf"].dtype)
                 outs["sample_correct"][m, n0:n1] = correct & finite
 
 
@@ -311,7 +311,9 @@ def _calibration_bins_triton(logits, labels, n_bins, outs):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _empty_outputs(M: int, N: int, n_bins: int, device: torch.device, return_samples: bool) -> dict:
+def _empty_outputs(
+    M: int, N: int, n_bins: int, device: torch.device, return_samples: bool, conf_dtype: torch.dtype = torch.float32
+) -> dict:
     nb1 = n_bins + 1
     outs = {
         "bin_count": torch.zeros(M, nb1, dtype=torch.int64, device=device),
@@ -323,7 +325,7 @@ def _empty_outputs(M: int, N: int, n_bins: int, device: torch.device, return_sam
         "sample_correct": None,
     }
     if return_samples:
-        outs["sample_conf"] = torch.zeros(M, N, dtype=torch.float32, device=device)
+        outs["sample_conf"] = torch.zeros(M, N, dtype=conf_dtype, device=device)
         outs["sample_correct"] = torch.zeros(M, N, dtype=torch.bool, device=device)
     return outs
 
@@ -334,7 +336,8 @@ def run_calibration_bins(
     """Run on already validated ``(M, N, C)`` logits and ``(M, N)`` labels (see :func:`check_inputs`)."""
     M, N, _ = logits.shape
     impl = _dispatch.select(OP, backend, logits=logits, n_bins=n_bins)
-    outs = _empty_outputs(M, N, n_bins, logits.device, return_samples)
+    conf_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    outs = _empty_outputs(M, N, n_bins, logits.device, return_samples, conf_dtype)
     impl.fn(logits, labels, n_bins, outs)
     nonfinite = outs["nonfinite"]
     if bool((nonfinite > 0).any()):

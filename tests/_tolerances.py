@@ -1,0 +1,28 @@
+"""Every tolerance the tests use, in one table, keyed by (op, input dtype, quantity).
+
+calibration_bins upcasts every input dtype to float32 (float64 stays float64), so the tolerances do not grow
+for float16/bfloat16 inputs: the inputs are exact in float32. They bound the difference between two float32
+evaluations of the same formula in different summation orders (backend vs torch reference), or between
+float32 and a float64 numpy reference.
+  conf:   per-sample confidence (atol, rtol)
+  sums:   per-model sums of NLL / Brier / confidence (atol, rtol), relative to N
+  metric: final metric values (ECE, NLL, ...) vs an independent float64 implementation (atol, rtol)
+No kernel here has a backward pass (the calibration op is a metric), so there is no gradient row.
+"""
+
+import torch
+
+_F32 = {"conf": (2e-6, 2e-6), "sums": (1e-5, 1e-5), "metric": (2e-5, 1e-5)}
+_F64 = {"conf": (1e-12, 1e-12), "sums": (1e-9, 1e-10), "metric": (1e-9, 1e-9)}
+
+TOLERANCES = {
+    ("calibration_bins", torch.float32): _F32,
+    ("calibration_bins", torch.float16): _F32,
+    ("calibration_bins", torch.bfloat16): _F32,
+    ("calibration_bins", torch.float64): _F64,
+}
+
+
+def tol(op: str, dtype: torch.dtype, quantity: str) -> dict:
+    atol, rtol = TOLERANCES[(op, dtype)][quantity]
+    return {"atol": atol, "rtol": rtol}

@@ -1,0 +1,128 @@
+"""Plots. Uses matplotlib's object API with the Agg canvas (no pyplot state, no display needed)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from vlmfast.metrics.calibration import CalibrationResult
+
+
+def reliability_diagram(
+    result: CalibrationResult,
+    path: str | os.PathLike,
+    model_names: Sequence[str] | None = None,
+    *,
+    max_models: int = 24,
+    ncols: int | None = None,
+    title: str | None = None,
+    dpi: int = 120,
+) -> Path:
+    """Write a reliability diagram (PNG) of every model in ``result``, as a grid of panels.
+
+    Each panel shows per-bin accuracy against confidence: bars for accuracy, a black tick at the bin's mean
+    confidence, the gap between them shaded red where the model is over-confident and amber where it is
+    under-confident, the diagonal of perfect
+    calibration, and underneath the share of samples per bin. ECE, ACE, MCE and accuracy are in
+    the panel title. Equal-mass results (``binning="mass"``) are drawn as points at (mean confidence, accuracy).
+
+    Args:
+        result: a :class:`~vlmfast.metrics.CalibrationResult`.
+        path: output file (``.png``; parent folders are created).
+        model_names: one name per model (default ``model 0``, ``model 1``, ...).
+        max_models: draw at most this many models (the first ones); the figure title says when some are left out.
+        ncols: panels per row (default: up to 4).
+        title: figure title.
+        dpi: resolution.
+
+    Returns:
+        The path written.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not isinstance(result, CalibrationResult):
+        raise TypeError(f"result: expected a CalibrationResult, got {type(result).__name__}")
+    M = result.n_models
+    names = list(model_names) if model_names is not None else [f"model {i}" for i in range(M)]
+    if len(names) != M:
+        raise ValueError(f"model_names: expected {M} names, got {len(names)}")
+    if isinstance(max_models, bool) or not isinstance(max_models, int) or max_models < 1:
+        raise ValueError(f"max_models: expected a positive int, got {max_models!r}")
+    shown = min(M, max_models)
+    ncols = ncols or min(4, shown)
+    nrows = math.ceil(shown / ncols)
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().to("cpu", torch.float64)
+        return t.reshape(M, -1)
+
+    acc_b, conf_b, cnt_b = rows(result.bin_accuracy), rows(result.bin_confidence), rows(result.bin_count)
+    scalars = {k: rows(getattr(result, k)).flatten() for k in ("ece", "ace", "mce", "accuracy")}
+    pct = "" if result.convention == "standard" else " (%)"
+    n = result.n_bins
+    edges = torch.linspace(0, 1, n + 1, dtype=torch.float64)
+    centers = ((edges[:-1] + edges[1:]) / 2).numpy()
+    width = 1.0 / n
+
+    fig = Figure(figsize=(3.6 * ncols, 4.2 * nrows), dpi=dpi)
+    FigureCanvasAgg(fig)
+    outer = fig.add_gridspec(nrows, ncols, hspace=0.45, wspace=0.3, top=1.0 - 0.95 / (4.2 * nrows))
+    for i in range(shown):
+        inner = outer[i // ncols, i % ncols].subgridspec(2, 1, height_ratios=[3.2, 1], hspace=0.08)
+        ax = fig.add_subplot(inner[0])
+        axc = fig.add_subplot(inner[1], sharex=ax)
+        acc, conf, cnt = acc_b[i].numpy(), conf_b[i].numpy(), cnt_b[i].numpy()
+        nonempty = cnt > 0
+        ax.plot([0, 1], [0, 1], ls="--", color="0.45", lw=1, label="perfect calibration")
+        share = cnt / max(cnt.sum(), 1)
+        over = nonempty & (conf > acc)
+        under = nonempty & (conf <= acc)
+        if result.binning == "width":
+            xs = centers
+            ax.bar(xs[nonempty], acc[nonempty], width=width, color="#4C72B0", edgecolor="white", lw=0.5,
+                   label="accuracy")
+            ax.bar(xs[over], (conf - acc)[over], bottom=acc[over], width=width, color="#E24A33", alpha=0.45,
+                   edgecolor="#B22222", lw=0.6, label="over-confident gap")
+            ax.bar(xs[under], (acc - conf)[under], bottom=conf[under], width=width, color="#F5B041", alpha=0.9, zorder=3,
+                   edgecolor="#B9770E", lw=0.6, label="under-confident gap")
+            ax.hlines(conf[nonempty], xs[nonempty] - width / 2, xs[nonempty] + width / 2, color="black", lw=1.0,
+                      label="mean confidence")
+            axc.bar(xs[nonempty], share[nonempty], width=width, color="0.55", edgecolor="white", lw=0.5)
+        else:
+            ax.plot(conf[nonempty], acc[nonempty], "o-", color="#4C72B0", ms=4, label="accuracy (equal-mass bins)")
+            ax.vlines(conf[over], acc[over], conf[over], color="#E24A33", lw=2, label="over-confident gap")
+            ax.vlines(conf[under], conf[under], acc[under], color="#F5B041", lw=2, label="under-confident gap")
+            axc.plot(conf[nonempty], share[nonempty], "o", color="0.4", ms=3)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy")
+        ax.set_title(
+            f"{names[i]}\nECE {scalars['ece'][i]:.3f}  ACE {scalars['ace'][i]:.3f}  MCE {scalars['mce'][i]:.3f}{pct}\n"
+            f"acc {scalars['accuracy'][i]:.3f}{pct}",
+            fontsize=9,
+        )
+        ax.tick_params(labelbottom=False, labelsize=8)
+        ax.grid(alpha=0.25)
+        if i == 0:
+            ax.legend(loc="upper left", fontsize=7, frameon=False)
+        axc.set_xlabel("confidence")
+        axc.set_ylabel("share", fontsize=8)
+        axc.set_ylim(0, max(float(share.max()), 1e-9) * 1.15)
+        axc.tick_params(labelsize=8)
+        axc.grid(alpha=0.25)
+    head = title or f"Reliability diagrams ({result.n_bins} {result.binning} bins, N = {result.n_samples})"
+    if shown < M:
+        head += f" — first {shown} of {M} models"
+    fig.suptitle(head, fontsize=11, y=1.0 - 0.1 / (4.2 * nrows))
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, bbox_inches="tight")
+    return out
+
+
+__all__ = ["reliability_diagram"]
