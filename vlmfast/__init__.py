@@ -1,6 +1,42 @@
-"""vlmfast: fast fine-tuning and auditing of CLIP-style vision-language models."""
+"""vlmfast: fast fine-tuning and auditing of CLIP-style vision-language models.
 
+Public surface (stable): ``vlmfast.metrics`` (calibration, CalibrationError, piece), ``vlmfast.plot``
+(reliability_diagram), ``vlmfast.ops`` (the ops with their torch references), ``vlmfast.backends()``, and
+``BackendError``. Heavy optional modules (plot: matplotlib) load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from vlmfast import metrics, ops
+from vlmfast._dispatch import BACKENDS, BackendError
 from vlmfast._version import __version__
-from vlmfast._dispatch import BackendError
+from vlmfast.metrics import CalibrationError, CalibrationResult, calibration, piece
 
-__all__ = ["__version__", "BackendError"]
+__all__ = [
+    "__version__",
+    "BACKENDS",
+    "BackendError",
+    "CalibrationError",
+    "CalibrationResult",
+    "backends",
+    "calibration",
+    "metrics",
+    "ops",
+    "piece",
+    "plot",
+]
+
+
+def backends() -> dict[str, list[str]]:
+    """Every backend with the reasons it is unavailable in this process (empty list: available)."""
+    from vlmfast._dispatch import backend_reasons
+
+    return {name: backend_reasons(name) for name in BACKENDS}
+
+
+def __getattr__(name: str):
+    if name == "plot":
+        return importlib.import_module("vlmfast.plot")
+    raise AttributeError(f"module 'vlmfast' has no attribute {name!r}")

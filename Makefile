@@ -1,0 +1,47 @@
+# The two set-up commands of the README: `make demo` and `make test`. Both create .venv when it is missing and
+# install what they need (the pinned torch stack comes from the local wheel cache when there is one).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PYTEST_ARGS ?=
+
+# Runtime stack (pinned where the environment requires it) and test-only tools.
+STACK := torch==2.14.1 torchvision==0.29.1 numpy open_clip_torch faiss-cpu pybind11 "cmake>=3.18" ninja \
+         matplotlib safetensors
+TEST_DEPS := pytest pytest-xdist hypothesis torchmetrics netcal scikit-learn scipy
+
+export HF_HUB_OFFLINE := 1
+
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*.in csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: install demo test test-all bench info clean
+
+$(VENV)/.stack:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(STACK) $(TEST_DEPS)
+	touch $@
+
+$(VENV)/.built: $(VENV)/.stack setup.py CMakeLists.txt pyproject.toml $(CSRC)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.built
+
+demo: install
+	$(PY) -m vlmfast demo --out out
+
+test: install
+	$(PY) -m pytest -m "not slow" -n 2 -q $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/bench_calibration.py
+
+info: install
+	$(PY) -m vlmfast.info
+
+clean:
+	rm -rf build *.egg-info vlmfast/_C*.so out .pytest_cache .hypothesis

@@ -1,0 +1,140 @@
+"""The shared benchmark runner: timing, machine facts, floors, the markdown table and the results CSV.
+
+Each ``bench_<op>.py`` builds its inputs and a dict of named callables, then calls :func:`run_cases`. Timings are
+medians (with p20/p80) over repetitions after warm-up, with CUDA synchronisation around each repetition. Rows are
+appended to ``benchmarks/results.csv`` with the device, git SHA and configuration.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results.csv"
+COLUMNS = [
+    "date", "git_sha", "device", "torch", "bench", "config", "provider", "median_ms", "p20_ms", "p80_ms",
+    "speedup_vs_ref", "speedup_vs_peer", "speedup_vs_peer2", "floor_ms", "floor_fraction", "notes",
+]
+
+
+def git_sha() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha or "unknown") + ("-dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    model = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(torch.device(device))
+
+
+@dataclass
+class Timing:
+    median: float
+    p20: float
+    p80: float
+    reps: int
+    samples: list[float] = field(default_factory=list, repr=False)
+
+
+def time_fn(fn: Callable[[], object], device: str, reps: int = 10, warmup: int = 2, max_seconds: float = 60.0) -> Timing:
+    """Median/p20/p80 wall time in ms of ``fn()``; stops early once ``max_seconds`` are spent (at least 3 reps)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    samples: list[float] = []
+    start = time.perf_counter()
+    for i in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        samples.append(1e3 * (time.perf_counter() - t0))
+        if i >= 2 and time.perf_counter() - start > max_seconds:
+            break
+    q = statistics.quantiles(samples, n=5) if len(samples) >= 2 else [samples[0]] * 4
+    return Timing(statistics.median(samples), q[0], q[3], len(samples), samples)
+
+
+def read_bandwidth_gbs(device: str, nbytes: int = 1 << 29) -> float:
+    """Memory read bandwidth in GB/s, measured as a float32 sum over ``nbytes`` (read-dominated)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    t = time_fn(lambda: x.sum(), device, reps=7, warmup=2)
+    return nbytes / (t.median * 1e-3) / 1e9
+
+
+def exp_rate(device: str, dtype: torch.dtype = torch.float32, n: int = 1 << 26) -> float:
+    """exp evaluations per second (torch.exp out of place, in float32)."""
+    x = torch.rand(n, dtype=dtype, device=device)
+    out = torch.empty_like(x)
+    t = time_fn(lambda: torch.exp(x, out=out), device, reps=7, warmup=2)
+    return n / (t.median * 1e-3)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    cols = ["provider", "median_ms", "p20_ms", "p80_ms", "speedup_vs_ref", "speedup_vs_peer", "speedup_vs_peer2",
+            "floor_fraction", "notes"]
+    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
+    lines = [head]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def append_results(rows: list[dict], path: Path = RESULTS) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def base_row(bench: str, config: str, device: str) -> dict:
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_sha": git_sha(),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "bench": bench,
+        "config": config,
+    }
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")

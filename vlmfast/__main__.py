@@ -1,0 +1,3 @@
+from vlmfast.cli import main
+
+raise SystemExit(main())
