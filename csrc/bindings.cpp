@@ -87,7 +87,7 @@ py::dict build_info() {
   d["cuda_version"] = py::none();
   d["cuda_archs"] = py::none();
 #endif
-  d["ops"] = py::make_tuple("calibration_bins");
+  d["ops"] = py::make_tuple("calibration_bins", "equal_mass_bins");
   return d;
 }
 
@@ -116,6 +116,20 @@ PYBIND11_MODULE(_C, m) {
       py::arg("bin_conf"), py::arg("sums"), py::arg("nonfinite"), py::arg("sample_conf"), py::arg("sample_correct"),
       py::arg("num_threads") = 0,
       "Accumulate calibration bins for (M, N, C) CPU logits into zero-initialised outputs (see calibration_bins.h).");
+
+  m.def(
+      "equal_mass_bins_cpu",
+      [](const py::object& conf, const py::object& correct, int64_t n_bins, const py::object& count,
+         const py::object& n_correct, const py::object& conf_sum, int num_threads) {
+        const TensorView c = to_view(conf, "conf"), k = to_view(correct, "correct");
+        const TensorView o1 = to_view(count, "count"), o2 = to_view(n_correct, "n_correct"),
+                         o3 = to_view(conf_sum, "conf_sum");
+        py::gil_scoped_release nogil;
+        vlmfast::equal_mass_bins_cpu(c, k, n_bins, o1, o2, o3, num_threads);
+      },
+      py::arg("conf"), py::arg("correct"), py::arg("n_bins"), py::arg("count"), py::arg("n_correct"),
+      py::arg("conf_sum"), py::arg("num_threads") = 0,
+      "Equal-mass (ACE) bins of (M, N) confidences: stable radix sort per model, groups as torch.tensor_split.");
 
   m.def(
       "calibration_bins_cuda",

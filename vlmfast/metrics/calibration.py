@@ -44,7 +44,13 @@ from typing import Any, Sequence
 
 import torch
 
-from vlmfast.ops.calibration_bins import CalibrationBins, check_inputs, check_n_bins, run_calibration_bins
+from vlmfast.ops.calibration_bins import (
+    CalibrationBins,
+    check_inputs,
+    check_n_bins,
+    equal_mass_sums,
+    run_calibration_bins,
+)
 
 BINNINGS = ("width", "mass")
 CONVENTIONS = ("standard", "dac")
@@ -198,24 +204,6 @@ def _binned_errors(count, correct, conf_sum, n_total: int):
     return ece, rmsce, mce, mce_weighted, acc, conf
 
 
-def _equal_mass_sums(conf: torch.Tensor, correct: torch.Tensor, n_bins: int):
-    """Equal-mass bins: sort each model's confidences, cut into n_bins groups of near-equal size."""
-    M, N = conf.shape
-    sorted_conf, order = torch.sort(conf, dim=1, stable=True)
-    sorted_correct = correct.gather(1, order)
-    q, r = divmod(N, n_bins)
-    pos = torch.arange(N, device=conf.device)
-    big = r * (q + 1)
-    bid = torch.where(pos < big, pos // (q + 1), r + (pos - big) // max(q, 1))
-    bid = bid.unsqueeze(0).expand(M, N)
-    count = torch.zeros(M, n_bins, dtype=torch.int64, device=conf.device)
-    count.scatter_add_(1, bid, torch.ones_like(bid))
-    corr = torch.zeros_like(count).scatter_add_(1, bid, sorted_correct.long())
-    csum = torch.zeros(M, n_bins, dtype=torch.float64, device=conf.device)
-    csum.scatter_add_(1, bid, sorted_conf.to(torch.float64))
-    return count, corr, csum
-
-
 def _percentile_linear(sorted_vals: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """numpy.percentile(method="linear") of one sorted float64 vector at levels in [0, 100]."""
     n = sorted_vals.shape[0]
@@ -273,7 +261,7 @@ def _per_batch_ece(conf: torch.Tensor, correct: torch.Tensor, n_bins: int, per_b
 
 
 def _compute(
-    state: _State, binning: str, convention: str, per_batch: int | None, squeezed: bool
+    state: _State, binning: str, convention: str, per_batch: int | None, squeezed: bool, backend: str | None = None
 ) -> CalibrationResult:
     st = state.stats
     n_bins, N = st.n_bins, st.n_samples
@@ -295,19 +283,21 @@ def _compute(
         _, _, gap, _ = _gaps(count_m, corr_m, csum_m)
         ece = (st.bin_count.to(torch.float64) / N * gap).sum(dim=1)
 
+    mass = None
     if conf is not None:
         if convention == "dac":
             ace = _dac_ace(conf, correct, n_bins)
         else:
-            mc, mcorr, msum = _equal_mass_sums(conf, correct, n_bins)
-            ace = _binned_errors(mc, mcorr, msum, N)[0]
+            mass = equal_mass_sums(conf, correct, n_bins, backend=backend)
+            ace = _binned_errors(*mass, N)[0]
     else:
         ace = torch.full_like(ece, math.nan)
 
     if binning == "mass":
-        mc, mcorr, msum = _equal_mass_sums(conf, correct, n_bins)
-        ece, rmsce, mce, mce_w, bin_acc, bin_conf = _binned_errors(mc, mcorr, msum, N)
-        bin_count = mc
+        if mass is None:
+            mass = equal_mass_sums(conf, correct, n_bins, backend=backend)
+        ece, rmsce, mce, mce_w, bin_acc, bin_conf = _binned_errors(*mass, N)
+        bin_count = mass[0]
 
     ece_pb = _per_batch_ece(conf, correct, n_bins, per_batch) if per_batch is not None else None
 
@@ -385,7 +375,7 @@ def calibration(
     """
     n_bins = _validate_options(n_bins, binning, convention, per_batch)
     state, squeezed, _ = _update(logits, labels, n_bins, True, backend)
-    return _compute(state, binning, convention, per_batch, squeezed)
+    return _compute(state, binning, convention, per_batch, squeezed, backend)
 
 
 class CalibrationError:
@@ -448,7 +438,9 @@ class CalibrationError:
     def compute(self) -> CalibrationResult:
         if not self._parts:
             raise ValueError("compute: no samples; call update(logits, labels) first")
-        return _compute(_State.merge(self._parts), self.binning, self.convention, self.per_batch, bool(self._squeezed))
+        return _compute(
+            _State.merge(self._parts), self.binning, self.convention, self.per_batch, bool(self._squeezed), self.backend
+        )
 
     def __repr__(self) -> str:
         return (
