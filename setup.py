@@ -78,6 +78,8 @@ setup(
     version=_version(),
     packages=find_packages(include=["vlmfast", "vlmfast.*"]) + ["vlmfast.kernels"],
     package_dir={"vlmfast.kernels": "kernels"},
+    package_data={"vlmfast.models": ["configs/*.json"]},
+    include_package_data=True,
     ext_modules=[] if skip_cpp else [CMakeExtension("vlmfast._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

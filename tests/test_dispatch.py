@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vlmfast import BackendError, _dispatch
-from vlmfast.ops import calibration_bins as cb  # registers the op
+import vlmfast.ops.calibration_bins as cb  # registers the op
 
 OP = cb.OP
 

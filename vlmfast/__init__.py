@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from vlmfast import metrics, ops
+from vlmfast import functional, metrics, ops
 from vlmfast._dispatch import BACKENDS, BackendError
 from vlmfast._version import __version__
 from vlmfast.metrics import CalibrationError, CalibrationResult, calibration, piece
@@ -22,6 +22,7 @@ __all__ = [
     "CalibrationResult",
     "backends",
     "calibration",
+    "functional",
     "metrics",
     "ops",
     "piece",
