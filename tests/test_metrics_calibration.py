@@ -221,3 +221,12 @@ def test_result_shapes_dict_and_table():
 def test_bad_options(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         calibration(torch.randn(5, 3), torch.zeros(5, dtype=torch.long), **kwargs)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import vlmfast.metrics.calibration as mod
+
+    failures, tried = doctest.testmod(mod, verbose=False)
+    assert tried >= 1 and failures == 0

@@ -261,42 +261,24 @@ def _calibration_bins_torch(logits, labels, n_bins, outs):
     _run_torch(logits, labels, n_bins, outs)
 
 
+_OUT_NAMES = ("bin_count", "bin_correct", "bin_conf", "sums", "nonfinite", "sample_conf", "sample_correct")
+
+
+def _views(logits, labels, n_bins, outs) -> list:
+    """Positional arguments of the extension's calibration_bins entries (see csrc/bindings.cpp)."""
+    return [tensor_view(logits), tensor_view(labels), n_bins] + [tensor_view(outs.get(k)) for k in _OUT_NAMES]
+
+
 @_dispatch.register(OP, "cpp", _check_cpp)
 def _calibration_bins_cpp(logits, labels, n_bins, outs):
-    C = get_C()
-    C.calibration_bins_cpu(
-        tensor_view(logits),
-        tensor_view(labels),
-        n_bins,
-        tensor_view(outs["bin_count"]),
-        tensor_view(outs["bin_correct"]),
-        tensor_view(outs["bin_conf"]),
-        tensor_view(outs["sums"]),
-        tensor_view(outs["nonfinite"]),
-        tensor_view(outs.get("sample_conf")),
-        tensor_view(outs.get("sample_correct")),
-        torch.get_num_threads(),
-    )
+    get_C().calibration_bins_cpu(*_views(logits, labels, n_bins, outs), torch.get_num_threads())
 
 
 @_dispatch.register(OP, "cuda", _check_cuda)
 def _calibration_bins_cuda(logits, labels, n_bins, outs):
-    C = get_C()
     with torch.cuda.device(logits.device):
         stream = torch.cuda.current_stream(logits.device).cuda_stream
-        C.calibration_bins_cuda(
-            tensor_view(logits),
-            tensor_view(labels),
-            n_bins,
-            tensor_view(outs["bin_count"]),
-            tensor_view(outs["bin_correct"]),
-            tensor_view(outs["bin_conf"]),
-            tensor_view(outs["sums"]),
-            tensor_view(outs["nonfinite"]),
-            tensor_view(outs.get("sample_conf")),
-            tensor_view(outs.get("sample_correct")),
-            stream,
-        )
+        get_C().calibration_bins_cuda(*_views(logits, labels, n_bins, outs), stream)
 
 
 @_dispatch.register(OP, "triton", _check_triton, module="vlmfast.kernels.calibration_bins")
