@@ -7,9 +7,9 @@ PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 
 # Runtime stack (pinned where the environment requires it) and test-only tools.
-STACK := torch==2.14.1 torchvision==0.29.1 numpy open_clip_torch faiss-cpu pybind11 "cmake>=3.18" ninja \
-         matplotlib safetensors
-TEST_DEPS := pytest pytest-xdist hypothesis torchmetrics netcal scikit-learn scipy
+STACK := torch==2.14.1 torchvision==0.29.1 numpy open_clip_torch timm faiss-cpu pybind11 "cmake>=3.18" ninja \
+         matplotlib safetensors pillow mlxtend scikit-learn
+TEST_DEPS := pytest pytest-xdist hypothesis torchmetrics netcal scipy
 
 export HF_HUB_OFFLINE := 1
 

@@ -1,8 +1,8 @@
 """vlmfast: fast fine-tuning and auditing of CLIP-style vision-language models.
 
 Public surface (stable): ``vlmfast.metrics`` (calibration, CalibrationError, piece), ``vlmfast.plot``
-(reliability_diagram), ``vlmfast.ops`` (the ops with their torch references), ``vlmfast.backends()``, and
-``BackendError``. Heavy optional modules (plot: matplotlib) load on first use.
+(reliability_diagram), ``vlmfast.data`` (datasets with ground truth), ``vlmfast.ops`` (the ops with their torch references), ``vlmfast.backends()``, and
+``BackendError``. Heavy modules (plot, data) load on first use.
 """
 
 from __future__ import annotations
@@ -24,10 +24,14 @@ __all__ = [
     "calibration",
     "functional",
     "metrics",
+    "data",
     "ops",
     "piece",
     "plot",
 ]
+
+
+_LAZY = ("plot", "data")
 
 
 def backends() -> dict[str, list[str]]:
@@ -38,6 +42,6 @@ def backends() -> dict[str, list[str]]:
 
 
 def __getattr__(name: str):
-    if name == "plot":
-        return importlib.import_module("vlmfast.plot")
+    if name in _LAZY:
+        return importlib.import_module(f"vlmfast.{name}")
     raise AttributeError(f"module 'vlmfast' has no attribute {name!r}")

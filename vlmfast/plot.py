@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from vlmfast.metrics.calibration import CalibrationResult
+from vlmfast.metrics.calibration_error import CalibrationResult
 
 
 def reliability_diagram(

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from vlmfast.metrics.calibration import CONVENTIONS, _gaps, quantile_bins
+from vlmfast.metrics.calibration_error import CONVENTIONS, _gaps, quantile_bins
 from vlmfast.ops.calibration_bins import _as_tensor, check_inputs, check_n_bins, run_calibration_bins
 
 

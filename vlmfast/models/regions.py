@@ -1,0 +1,164 @@
+"""Region embeddings in the joint image-text space (the RaVL / ViLLA path).
+
+For an open_clip **ModifiedResNet** image tower (``method="roi"``, the default there): the trunk runs once per
+image up to ``layer`` (default ``"layer3"``); ``torchvision.ops.roi_align`` resamples every box of the batch in one
+call to the full grid of that layer (for ``vlmfast-tiny-rn`` at 128 px: layer3 is 8 x 8 and a 28 x 28 quadrant of a
+56 x 56 composite covers 4 x 4 of its cells) with ``spatial_scale = map width / input width``,
+``sampling_ratio=0`` (adaptive) and ``aligned=True`` (pixel-edge box coordinates, as ``[0, 0, 28, 28]`` means);
+then the remaining layers and the attention pool run on the resampled regions exactly as on a whole image, and the
+result is L2-normalised. Because the region fills the grid the attention pool was built for, no positional
+embedding is interpolated. Differentiable (the mitigation loss trains through it).
+
+For any other tower (``method="crop"``, the default for ViTs): each box is cut out of the (float) image and
+resized to the model's input size by the same ``roi_align`` call on the pixels, then encoded with
+``encode_image`` — crop-and-encode, one forward per region, batched.
+
+Region content vs context: layer3 cells have receptive fields wider than a quadrant, so pixels just outside a box
+do leak into its embedding a little; the tests bound that leak relative to changing the box's own content.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+RESNET_LAYERS = ("stem", "layer1", "layer2", "layer3", "layer4")
+METHODS = ("auto", "roi", "crop")
+
+
+def _boxes_to_rois(boxes: torch.Tensor | Sequence[torch.Tensor], n_images: int, device, dtype):
+    """(rois (R, 5) [batch index, x1, y1, x2, y2], counts per image, was_padded_tensor)."""
+    if isinstance(boxes, torch.Tensor):
+        if boxes.dim() != 3 or boxes.shape[-1] != 4:
+            raise ValueError(f"boxes: expected shape (N, K, 4) or a list of (K_i, 4), got {tuple(boxes.shape)}")
+        if boxes.shape[0] != n_images:
+            raise ValueError(f"boxes: expected {n_images} rows (one per image), got {boxes.shape[0]}")
+        k = boxes.shape[1]
+        idx = torch.arange(n_images, device=device, dtype=dtype).repeat_interleave(k)
+        rois = torch.cat([idx[:, None], boxes.reshape(-1, 4).to(device=device, dtype=dtype)], dim=1)
+        return rois, [k] * n_images, True
+    if not isinstance(boxes, (list, tuple)):
+        raise TypeError(f"boxes: expected a Tensor (N, K, 4) or a list of (K_i, 4) tensors, got {type(boxes).__name__}")
+    if len(boxes) != n_images:
+        raise ValueError(f"boxes: expected {n_images} entries (one per image), got {len(boxes)}")
+    parts, counts = [], []
+    for i, b in enumerate(boxes):
+        b = torch.as_tensor(b)
+        if b.dim() != 2 or b.shape[-1] != 4:
+            raise ValueError(f"boxes[{i}]: expected shape (K, 4), got {tuple(b.shape)}")
+        parts.append(torch.cat([torch.full((b.shape[0], 1), float(i)), b.float().cpu()], dim=1))
+        counts.append(int(b.shape[0]))
+    rois = torch.cat(parts).to(device=device, dtype=dtype) if parts else torch.zeros(0, 5, device=device, dtype=dtype)
+    return rois, counts, False
+
+
+def _check_boxes(rois: torch.Tensor, height: int, width: int) -> None:
+    if rois.numel() == 0:
+        return
+    xy = rois[:, 1:]
+    if not torch.isfinite(xy).all():
+        raise ValueError("boxes: expected finite coordinates")
+    if (xy[:, 2] <= xy[:, 0]).any() or (xy[:, 3] <= xy[:, 1]).any():
+        raise ValueError("boxes: expected x2 > x1 and y2 > y1 for every box ([x1, y1, x2, y2] in pixels)")
+
+
+def _resnet_forward_from(vis: torch.nn.Module, x: torch.Tensor, start: int) -> torch.Tensor:
+    blocks = [vis.stem, vis.layer1, vis.layer2, vis.layer3, vis.layer4]
+    for blk in blocks[start:]:
+        x = blk(x)
+    return vis.attnpool(x)
+
+
+def _resnet_trunk(vis: torch.nn.Module, x: torch.Tensor, stop: int) -> torch.Tensor:
+    blocks = [vis.stem, vis.layer1, vis.layer2, vis.layer3, vis.layer4]
+    for blk in blocks[: stop + 1]:
+        x = blk(x)
+    return x
+
+
+def region_features(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    boxes: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    layer: str = "layer3",
+    method: str = "auto",
+    normalize: bool = True,
+    output_size: int | tuple[int, int] | None = None,
+    sampling_ratio: int = 0,
+) -> torch.Tensor:
+    """Region embeddings, ``(N, K, D)`` for ``boxes`` of shape ``(N, K, 4)``, or ``(sum K_i, D)`` (image-major
+    order) for a list of ``(K_i, 4)`` tensors.
+
+    ``images``: ``(N, 3, H, W)`` uint8 (preprocessed here to the model's size and normalisation) or an already
+    preprocessed float batch. ``boxes``: ``[x1, y1, x2, y2]`` in pixel coordinates **of ``images`` as given**
+    (e.g. the 56 x 56 composite's quadrant boxes); they are scaled to the feature map by
+    ``map width / image width``. ``layer``: where RoIAlign cuts the ResNet trunk (``"layer1"``..``"layer3"``;
+    default layer3 as in ViLLA). ``method``: ``"roi"`` (ResNet only), ``"crop"`` (any model) or ``"auto"``
+    (roi for a ResNet, else crop). ``output_size`` overrides the RoIAlign grid (default: the layer's own map size
+    for the model's input size — anything else would not match the attention pool). Runs in the model's current
+    mode with gradients as the caller has them (wrap in ``torch.no_grad()`` for inference).
+    """
+    from torchvision.ops import roi_align
+
+    from vlmfast.models.factory import _model_device, image_size, model_family, preprocess_for
+
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images: expected a torch.Tensor, got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images: expected shape (N, 3, H, W), got {tuple(images.shape)}")
+    family = model_family(model)
+    if method == "auto":
+        method = "roi" if family == "resnet" else "crop"
+    if method == "roi" and family != "resnet":
+        raise ValueError(f"method: 'roi' needs an open_clip ModifiedResNet image tower, got family {family!r}")
+    n, _, h_in, w_in = images.shape
+    if h_in != w_in:
+        raise ValueError(f"images: expected square images (boxes scale by one factor), got {h_in} x {w_in}")
+    device = _model_device(model)
+    vis = model.visual
+    param_dtype = next(vis.parameters()).dtype
+    rois, counts, padded = _boxes_to_rois(boxes, n, device, torch.float32)
+    _check_boxes(rois, h_in, w_in)
+    size = image_size(model)
+    if images.dtype == torch.uint8:
+        x = preprocess_for(model, images)
+    else:
+        x = images.to(device=device, dtype=torch.float32)
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    if method == "roi":
+        if layer not in RESNET_LAYERS[:-1]:
+            raise ValueError(f"layer: expected one of {RESNET_LAYERS[:-1]}, got {layer!r}")
+        stop = RESNET_LAYERS.index(layer)
+        fmap = _resnet_trunk(vis, x.to(param_dtype), stop)
+        grid = tuple(fmap.shape[-2:]) if output_size is None else (
+            (output_size, output_size) if isinstance(output_size, int) else tuple(output_size))
+        scale = fmap.shape[-1] / float(w_in)
+        regions = roi_align(fmap.float(), rois, output_size=grid, spatial_scale=scale,
+                            sampling_ratio=sampling_ratio, aligned=True)
+        feats = _resnet_forward_from(vis, regions.to(param_dtype), stop + 1)
+    else:
+        grid = size if output_size is None else (
+            (output_size, output_size) if isinstance(output_size, int) else tuple(output_size))
+        crops = roi_align(x, rois, output_size=grid, spatial_scale=size[1] / float(w_in),
+                          sampling_ratio=sampling_ratio, aligned=True)
+        feats = model.encode_image(crops.to(param_dtype))
+    feats = feats.float()
+    if normalize:
+        feats = F.normalize(feats, dim=-1)
+    if padded:
+        return feats.reshape(n, counts[0] if counts else 0, -1)
+    return feats
+
+
+def region_counts(boxes: Any) -> list[int]:
+    """Boxes per image for a (N, K, 4) tensor or a list of (K_i, 4) tensors."""
+    if isinstance(boxes, torch.Tensor):
+        return [int(boxes.shape[1])] * int(boxes.shape[0])
+    return [int(torch.as_tensor(b).shape[0]) for b in boxes]
