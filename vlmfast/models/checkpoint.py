@@ -236,7 +236,7 @@ def load_checkpoint(
     card, ``config=`` naming the open_clip config to build. ``verify`` checks the weights' SHA-256 against the card
     when the card has one.
     """
-    from vlmfast.models.factory import CONFIG_ATTR, _open_clip, _resolve_device, get_model_config
+    from vlmfast.models.factory import CONFIG_ATTR, _open_clip, _quiet_random_init, _resolve_device, build_from_config
 
     weights_path, card_path = _paths(path)
     if not weights_path.is_file():
@@ -258,22 +258,18 @@ def load_checkpoint(
             )
     oc = _open_clip()
     dev = _resolve_device(device)
-    if name and oc.get_model_config(name) is not None:
-        model_cfg = model_cfg or get_model_config(name)
-        from vlmfast.models.factory import _quiet_random_init
-
+    registered = oc.get_model_config(name) if name else None
+    if model_cfg is None and registered is None:
+        raise CheckpointError(f"{card_path}: config {name!r} is not registered and the card has no 'model_cfg'")
+    if model_cfg is None or model_cfg == registered:
+        model_cfg = registered
         with _quiet_random_init(True):
             model = oc.create_model(name, pretrained=None, device="cpu")
-    elif model_cfg is not None:
-        cfg = dict(model_cfg)
-        cfg.pop("custom_text", None)
-        cls = oc.CustomTextCLIP if model_cfg.get("custom_text") else oc.CLIP
+    else:  # a config that differs from (or is absent in) the registry: build exactly what the card describes
         try:
-            model = cls(**cfg)
-        except TypeError as e:
-            raise CheckpointError(f"{card_path}: 'model_cfg' cannot build a model ({e})") from e
-    else:
-        raise CheckpointError(f"{card_path}: config {name!r} is not registered and the card has no 'model_cfg'")
+            model = build_from_config(model_cfg)
+        except Exception as e:
+            raise CheckpointError(f"{card_path}: 'model_cfg' cannot build a model ({type(e).__name__}: {e})") from e
     state = load_state_dict_file(weights_path)
     load_weights_into(model, state, weights_path, config_name=name)
     model = model.to(dev).eval()

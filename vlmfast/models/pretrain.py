@@ -4,34 +4,46 @@
 strength=0)`` — the red square independent of the class — with the composites' varied captions, and measures
 zero-shot accuracy on ``spurious_mnist("test")`` (class prompts from ``CAPTION_TEMPLATES``, embeddings averaged per
 class) and on the shifted splits (scikit-learn digits; corruptions at severity 5). The result is cached under
-``cache_dir("models")`` as a vlmfast checkpoint (safetensors + JSON card), keyed by a hash of (config, data
-parameters, recipe, seed, format version); it is written atomically, so a killed run leaves no entry.
+``cache_dir("models")`` as a vlmfast checkpoint (safetensors + JSON card), keyed by a hash of (config name and
+dict, data parameters, recipe, seed, format version); it is written atomically (a killed run leaves no entry) and
+under a file lock (concurrent callers, e.g. pytest-xdist workers, train once and share the result).
 
-**Recipe** (``PRESETS["default"]``):
+**Recipe** (``PRESETS["default"]``, ``vlmfast-tiny-rn``):
 
-* AdamW (betas 0.9 / 0.98, eps 1e-6), weight decay 0.1 on matrices only (not on biases, norms, embeddings'
-  positions or the logit scale);
+* 10,000 composites (9,500 train after the builder's 5 % holdout), batch 128, **600 steps** (time cap 300 s);
+* AdamW (betas 0.9 / 0.98, eps 1e-6), lr 2e-3, weight decay 0.1 on matrices only (not on biases, norms,
+  positional/token embeddings or the logit scale);
 * **text tower learning rate = 0.05 x the image tower's.** With equal rates the tiny text tower collapses within
   ~10 steps (every class caption gets the same embedding; the loss sits at log B); a slow text tower avoids it;
-* linear warm-up, then cosine decay to 0; the schedule's progress is ``max(step / steps, elapsed /
-  time_budget_s)``, so a time-bounded run still anneals fully and stops on time;
-* learnable logit scale (init 1/0.07), clamped to [0, log 100];
+* linear warm-up (5 %), then cosine decay to 0; the schedule's progress is ``max(step / steps, elapsed /
+  time_budget_s)``, so a run that hits the time cap still anneals fully and stops on time (``card["stopped_by"]``);
+* learnable logit scale (init 1/0.07), clamped to [1, 100];
 * **class-aware contrastive targets**: captions of the same class are positives of each other (each image's target
   is uniform over the in-batch captions of its class, and symmetrically for captions). With 10 classes a batch of
-  128 holds ~13 captions per class; plain one-hot InfoNCE would push those apart as negatives. ``targets="clip"``
-  gives the plain one-hot loss;
-* the text tower runs EOT-truncated (:mod:`vlmfast.models.text`): captions are <= 8 tokens;
-* no augmentation (it did not help here).
+  128 holds ~13 captions per class, which one-hot InfoNCE would push apart as negatives; the class-aware loss
+  learns several times faster at this size. ``targets="clip"`` gives plain one-hot InfoNCE;
+* **digit zoom** (``zoom_p=0.25``): a quarter of each batch is replaced by the digit's quadrant alone, resized to
+  the full input, with its caption — the scale a region has in :func:`vlmfast.models.region_features`. It costs
+  nothing in image-level accuracy and makes region embeddings meaningful (60-s runs: zero-shot on the digit
+  quadrant 29 % -> 97 % by crop-and-encode, 70 % -> 78 % by RoIAlign at layer2);
+* the text tower runs EOT-truncated (:mod:`vlmfast.models.text`): captions are <= 8 tokens.
 
-``preset="test"`` is a much cheaper run for the test suite (fewer steps and a smaller evaluation).
+**Measured** (2 shared CPU cores, torch 2.14.1): ``preset="default"``: 97.8-98.4 % zero-shot on test after 600
+steps in 178-182 s of training (~195 s in all with data and evaluation; two runs); scikit-learn digits 76-77 %,
+severity-5 corruptions blur 35-47 %, occlusion 53 %, noise / contrast / invert 10-13 %.
+``preset="test"`` (4,000 composites, batch 64, 160 steps): 94 % on test (seeds 0 and 2) in 22-24 s of training
+(~30 s in all), scikit-learn digits 48-50 %, noise-5 10 %. Learning has a sharp onset, and CPU training is not
+bit-reproducible under thread contention (e.g. pytest-xdist neighbours), so the test preset stays well past it:
+with the same recipe, 60 steps gave 36 %, 80 steps 59 %, 100 steps 85 %, 120 steps 75-92 % (seeds 0-3, with and
+without contention), 160 steps 94 %.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
-import shutil
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -47,14 +59,14 @@ METHOD = "clip-pretrain"
 # Recipes. ``steps=None`` means "as many as fit in time_budget_s".
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
-        steps=None, time_budget_s=300.0, batch_size=128, lr=2e-3, text_lr_scale=0.05, weight_decay=0.1,
-        warmup=0.05, init_logit_scale=1 / 0.07, max_logit_scale=100.0, targets="class",
+        steps=600, time_budget_s=300.0, batch_size=128, lr=2e-3, text_lr_scale=0.05, weight_decay=0.1,
+        warmup=0.05, init_logit_scale=1 / 0.07, max_logit_scale=100.0, targets="class", zoom_p=0.25,
         train_n=10_000, test_n=2000, shift_n=None, eval_corruptions=("noise", "blur", "contrast", "invert",
                                                                       "occlusion"),
     ),
     "test": dict(
-        steps=60, time_budget_s=60.0, batch_size=96, lr=2e-3, text_lr_scale=0.05, weight_decay=0.1,
-        warmup=0.1, init_logit_scale=1 / 0.07, max_logit_scale=100.0, targets="class",
+        steps=160, time_budget_s=120.0, batch_size=64, lr=2e-3, text_lr_scale=0.05, weight_decay=0.1,
+        warmup=0.1, init_logit_scale=1 / 0.07, max_logit_scale=100.0, targets="class", zoom_p=0.25,
         train_n=4000, test_n=500, shift_n=500, eval_corruptions=("noise",),
     ),
 }
@@ -78,6 +90,38 @@ def _param_groups(model: torch.nn.Module, lr: float, text_lr: float, weight_deca
          "weight_decay": 0.0 if no_decay else weight_decay}
         for (tower, no_decay), params in groups.items()
     ]
+
+
+def _zoom_digits(model, x, images, idx, digit_boxes, p, gen):
+    """Replace a random fraction ``p`` of the batch by the digit's region alone, resized to the full input (the
+    scale a region has in ``region_features``), keeping the caption."""
+    from vlmfast.models.factory import preprocess_for
+
+    pick = (torch.rand(len(idx), generator=gen) < p) & (digit_boxes[idx, 2] > digit_boxes[idx, 0])
+    x = x.clone() if pick.any() else x
+    for r in torch.nonzero(pick).flatten().tolist():
+        x1, y1, x2, y2 = (int(v) for v in digit_boxes[idx[r]])
+        crop = images[idx[r]: idx[r] + 1, :, y1:y2, x1:x2]
+        x[r: r + 1] = preprocess_for(model, crop).to(x.dtype)
+    return x
+
+
+def _digit_region_boxes(data: Any) -> torch.Tensor:
+    """(N, 4) int64 box of the region holding the digit (``region_labels == REGION_DIGIT``); [0, 0, 0, 0] where
+    there is none."""
+    from vlmfast.data import REGION_DIGIT
+
+    labels = getattr(data, "region_labels", None)
+    boxes = getattr(data, "region_boxes", None)
+    if labels is None or boxes is None:
+        raise ValueError("zoom_p: needs a dataset with .region_boxes and .region_labels (where the digit is); "
+                         "pass zoom_p=0 for other data")
+    labels, boxes = torch.as_tensor(labels), torch.as_tensor(boxes).long()
+    is_digit = labels == REGION_DIGIT
+    which = is_digit.float().argmax(1)
+    out = boxes[torch.arange(len(which)), which].clone()
+    out[~is_digit.any(1)] = 0
+    return out
 
 
 def _lr_factor(progress: float, warmup: float) -> float:
@@ -112,7 +156,7 @@ def zero_shot_accuracy(model: torch.nn.Module, data: Any, templates=None, *, bat
         feats = encode_images(model, data, batch_size=batch_size)
     finally:
         model.train(was_training)
-    pred = (feats @ head.T).argmax(1)
+    pred = (feats @ head.T.to(feats.device)).argmax(1)
     return float((pred == torch.as_tensor(data.labels).to(pred.device)).float().mean())
 
 
@@ -131,8 +175,10 @@ def _evaluate(model, recipe: dict[str, Any], seed: int, log) -> dict[str, float]
 
 
 def _cache_key(config: str, data_desc: dict[str, Any], recipe: dict[str, Any], seed: int) -> str:
-    return stable_hash({"config": config, "data": data_desc, "recipe": recipe, "seed": seed,
-                        "v": PRETRAIN_FORMAT_VERSION, "method": METHOD})
+    from vlmfast.models.factory import get_model_config
+
+    return stable_hash({"config": config, "model_cfg": get_model_config(config), "data": data_desc,
+                        "recipe": recipe, "seed": seed, "v": PRETRAIN_FORMAT_VERSION, "method": METHOD})
 
 
 def pretrain_base(
@@ -161,9 +207,7 @@ def pretrain_base(
     following whichever is nearer its end. ``cache``: read/write ``cache_dir("models")/clip-pretrain-<hash>.*``.
     ``evaluate``: zero-shot accuracies on test and shifted splits go into ``card["metrics"]``.
     """
-    from vlmfast.models.checkpoint import load_checkpoint, save_checkpoint
-    from vlmfast.models.factory import _resolve_device, create_model, get_tokenizer, preprocess_for
-    from vlmfast.models.text import _encode_truncated, _text_parts, tokenize
+    from vlmfast.models.checkpoint import load_checkpoint
 
     if preset not in PRESETS:
         raise ValueError(f"preset: expected one of {tuple(PRESETS)}, got {preset!r}")
@@ -206,14 +250,28 @@ def pretrain_base(
                      "captions": stable_hash(list(data.captions)), "n": int(len(data.captions))}
     key_recipe = {k: (list(v) if isinstance(v, tuple) else v) for k, v in recipe.items()}
     key = _cache_key(config, data_desc, key_recipe, seed)
-    base = cache_dir("models") / f"{METHOD}-{config}-{key}"
-    if cache and base.with_name(base.name + ".json").is_file():
-        try:
-            model, card = load_checkpoint(base, device=device)
-            log(f"pretrain_base: cached {base}")
-            return model, card
-        except Exception as e:  # a damaged entry is retrained and overwritten
-            log(f"pretrain_base: ignoring unreadable cache entry {base}: {e}")
+    safe_name = re.sub(r"[^A-Za-z0-9._-]+", "_", config)
+    base = cache_dir("models") / f"{METHOD}-{safe_name}-{key}"
+    if not cache:
+        return _train(config, data, data_desc, recipe, key_recipe, key, preset, seed, device, evaluate, verbose,
+                      None, log)
+    # One process trains a given entry; others (e.g. pytest-xdist workers) wait for it and read the result.
+    with _file_lock(base.with_name(base.name + ".lock")):
+        if base.with_name(base.name + ".json").is_file():
+            try:
+                model, card = load_checkpoint(base, device=device)
+                log(f"pretrain_base: cached {base}")
+                return model, card
+            except Exception as e:  # a damaged entry is retrained and overwritten
+                log(f"pretrain_base: ignoring unreadable cache entry {base}: {e}")
+        return _train(config, data, data_desc, recipe, key_recipe, key, preset, seed, device, evaluate, verbose,
+                      base, log)
+
+
+def _train(config, data, data_desc, recipe, key_recipe, key, preset, seed, device, evaluate, verbose, base, log):
+    from vlmfast.models.checkpoint import save_checkpoint
+    from vlmfast.models.factory import _resolve_device, create_model, get_tokenizer, preprocess_for
+    from vlmfast.models.text import _encode_truncated, _text_parts, tokenize
 
     if data is None:
         from vlmfast.data import spurious_mnist
@@ -222,8 +280,9 @@ def pretrain_base(
     images = torch.as_tensor(data.images)
     labels = torch.as_tensor(data.labels).long()
     dev = _resolve_device(device)
-    torch.manual_seed(seed)
-    model = create_model(config, pretrained=None, device=dev)
+    with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's RNG alone
+        torch.manual_seed(seed)
+        model = create_model(config, pretrained=None, device=dev)
     tok = tokenize(list(data.captions), get_tokenizer(config))
     parts = _text_parts(model)
     with torch.no_grad():
@@ -232,6 +291,10 @@ def pretrain_base(
     groups = _param_groups(model, recipe["lr"], recipe["lr"] * recipe["text_lr_scale"], recipe["weight_decay"])
     opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)
     gen = torch.Generator().manual_seed(seed)
+    zoom_p = float(recipe.get("zoom_p", 0.0))
+    digit_boxes = None
+    if zoom_p > 0:
+        digit_boxes = _digit_region_boxes(data)
     n = images.shape[0]
     bs = min(recipe["batch_size"], n)
     model.train()
@@ -247,6 +310,8 @@ def pretrain_base(
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
         x = preprocess_for(model, images[idx])
+        if zoom_p > 0:
+            x = _zoom_digits(model, x, images, idx, digit_boxes, zoom_p, gen)
         img = F.normalize(model.encode_image(x), dim=-1)
         t = tok[idx].to(dev)
         txt = _encode_truncated(parts, t) if parts is not None else model.encode_text(t)
@@ -259,7 +324,7 @@ def pretrain_base(
         with torch.no_grad():
             model.logit_scale.clamp_(0, max_log_scale)
         step += 1
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         elapsed = time.perf_counter() - t_start
         progress = max(step / recipe["steps"] if recipe["steps"] else 0.0,
                        elapsed / recipe["time_budget_s"] if recipe["time_budget_s"] else 0.0)
@@ -277,6 +342,7 @@ def pretrain_base(
         "preset": preset,
         "metrics": metrics,
         "steps": step,
+        "stopped_by": "steps" if recipe["steps"] and step >= recipe["steps"] else "time",
         "wall_time_s": round(wall, 2),
         "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4),
         "seed": seed,
@@ -285,6 +351,23 @@ def pretrain_base(
         "cache_key": key,
         "pretrain_format_version": PRETRAIN_FORMAT_VERSION,
     }
-    if cache:
+    if base is not None:
         save_checkpoint(model, base, card)
     return model, card
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive advisory lock (``fcntl.flock``) on ``path``; a no-op where fcntl is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

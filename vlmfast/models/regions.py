@@ -19,7 +19,7 @@ do leak into its embedding a little; the tests bound that leak relative to chang
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +83,7 @@ def region_features(
     images: torch.Tensor,
     boxes: torch.Tensor | Sequence[torch.Tensor],
     *,
-    layer: str = "layer3",
+    layer: str = "auto",
     method: str = "auto",
     normalize: bool = True,
     output_size: int | tuple[int, int] | None = None,
@@ -95,8 +95,10 @@ def region_features(
     ``images``: ``(N, 3, H, W)`` uint8 (preprocessed here to the model's size and normalisation) or an already
     preprocessed float batch. ``boxes``: ``[x1, y1, x2, y2]`` in pixel coordinates **of ``images`` as given**
     (e.g. the 56 x 56 composite's quadrant boxes); they are scaled to the feature map by
-    ``map width / image width``. ``layer``: where RoIAlign cuts the ResNet trunk (``"layer1"``..``"layer3"``;
-    default layer3 as in ViLLA). ``method``: ``"roi"`` (ResNet only), ``"crop"`` (any model) or ``"auto"``
+    ``map width / image width``. ``layer``: where RoIAlign cuts the ResNet trunk (``"layer1"``..``"layer3"``), or
+    ``"auto"`` (default; :func:`roi_layer`): layer3 when its map is at least 8 cells wide (RN50 at 224 px: 14 x 14,
+    as ViLLA), else the deepest earlier layer that is (``vlmfast-tiny-rn`` at 64 px: layer2, 8 x 8).
+    ``method``: ``"roi"`` (ResNet only), ``"crop"`` (any model) or ``"auto"``
     (roi for a ResNet, else crop). ``output_size`` overrides the RoIAlign grid (default: the layer's own map size
     for the model's input size — anything else would not match the attention pool). Runs in the model's current
     mode with gradients as the caller has them (wrap in ``torch.no_grad()`` for inference).
@@ -133,6 +135,8 @@ def region_features(
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
     if method == "roi":
+        if layer == "auto":
+            layer = roi_layer(model)
         if layer not in RESNET_LAYERS[:-1]:
             raise ValueError(f"layer: expected one of {RESNET_LAYERS[:-1]}, got {layer!r}")
         stop = RESNET_LAYERS.index(layer)
@@ -157,8 +161,21 @@ def region_features(
     return feats
 
 
-def region_counts(boxes: Any) -> list[int]:
-    """Boxes per image for a (N, K, 4) tensor or a list of (K_i, 4) tensors."""
-    if isinstance(boxes, torch.Tensor):
-        return [int(boxes.shape[1])] * int(boxes.shape[0])
-    return [int(torch.as_tensor(b).shape[0]) for b in boxes]
+def resnet_map_sizes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """(height, width) of each ModifiedResNet stage's output at the model's input size (stem and layer1 at 1/4,
+    layer2 1/8, layer3 1/16, layer4 1/32)."""
+    from vlmfast.models.factory import image_size
+
+    h, w = image_size(model)
+    strides = {"stem": 4, "layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
+    return {k: (h // s, w // s) for k, s in strides.items()}
+
+
+def roi_layer(model: torch.nn.Module, min_cells: int = 8) -> str:
+    """The ResNet stage ``region_features(layer="auto")`` cuts at: the deepest of layer3, layer2, layer1 whose
+    map is at least ``min_cells`` wide and high (so a quarter-image box spans >= 4 x 4 cells)."""
+    sizes = resnet_map_sizes(model)
+    for name in ("layer3", "layer2", "layer1"):
+        if min(sizes[name]) >= min_cells:
+            return name
+    return "layer1"

@@ -6,7 +6,10 @@ only attends to positions <= i, so nothing after a row's EOT can change its EOT 
 therefore runs the blocks on only ``L = max(EOT position) + 1`` positions of each batch — token embedding,
 positional embedding and the causal mask sliced to ``L`` — then ``ln_final``, the EOT row, and the projection. Rows
 are sorted by EOT position first so that each batch is cut to its own longest prompt ("bucketing"). Prompts like
-"a photo of a {classname}." are 7-12 tokens, so the blocks process ~8x fewer positions than the 77-token path.
+"a photo of a {classname}." with ImageNet-21k class names have their EOT at position 8.8 on average (max ~17), so
+the blocks run on ~18 % of the 77 x C positions. Measured on 2 CPU cores (``benchmarks/bench_text.py``, outputs
+equal to open_clip's within 3e-6): 6.6x faster for the ViT-B-32 text tower at C = 100, 9-11x for the tiny
+configs' towers at C = 1000.
 
 Supported towers: open_clip ``CLIP`` (text tower inlined: ``token_embedding``, ``positional_embedding``,
 ``transformer``, ``ln_final``, ``text_projection``, ``attn_mask``) and ``CustomTextCLIP`` whose ``model.text`` is
@@ -186,7 +189,7 @@ def encode_text(
     tokenizer: Any = None,
     truncate: bool = True,
 ) -> torch.Tensor:
-    """Text embeddings ``(N, D)`` (float32; L2-normalised unless ``normalize=False``).
+    """Text embeddings ``(N, D)`` float32 on the model's device (L2-normalised unless ``normalize=False``).
 
     ``texts_or_tokens``: a str, a list of str (tokenised once each with ``tokenizer`` — default the model's own,
     see :func:`vlmfast.models.get_tokenizer` — through an LRU cache) or token ids ``(N, context)``.
@@ -286,7 +289,8 @@ def zero_shot_head(
 ) -> torch.Tensor:
     """Class embeddings ``(C, D)`` float32 for zero-shot classification: every class x template prompt is encoded
     (truncated path, batches of ``batch_size``), each prompt embedding L2-normalised, averaged per class over the
-    templates, and the mean renormalised. Logits are then ``scale * image_features @ head.T``. No gradients."""
+    templates, and the mean renormalised; on the model's device. Logits are then
+    ``scale * image_features @ head.T``. No gradients."""
     if len(classnames) == 0:
         raise ValueError("classnames: expected at least one class name, got none")
     if len(templates) == 0:
@@ -336,7 +340,8 @@ def _as_images(data_or_images: Any) -> torch.Tensor:
             pass
     if not isinstance(images, torch.Tensor):
         raise TypeError(
-            f"data_or_images: expected a (N, 3, H, W) tensor or a dataset with .images, got {type(data_or_images).__name__}"
+            "data_or_images: expected a (N, 3, H, W) tensor or a dataset with .images, got "
+            f"{type(data_or_images).__name__}"
         )
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"data_or_images: expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
@@ -397,9 +402,9 @@ def encode_images(
             chunks.append(f.cpu())
     out = torch.cat(chunks) if chunks else torch.zeros(0, _output_dim(model))
     if path is not None:
-        from safetensors.torch import save_file
-
         import os
+
+        from safetensors.torch import save_file
 
         tmp = atomic_path(path)
         try:
