@@ -41,8 +41,10 @@ VLMFAST_INLINE vf8 splat(float v) { return vf8{v, v, v, v, v, v, v, v}; }
 
 // exp(x) for x <= 0 (x = logit - row max), float32, eight lanes. Range reduction x = k ln2 + r, |r| <= ln2/2
 // (k rounded to nearest with the 1.5 * 2^23 trick), then the degree-7 Taylor polynomial of exp(r) (truncation
-// error < 6e-9 relative, below one float ulp) and 2^k built from the exponent bits. Exactly 1 at x = 0 and
-// exactly 0 below -87 (where expf turns denormal), so a row's own maximum contributes exactly 1.
+// error < 6e-9 relative, below one float ulp) and 2^k built from the exponent bits. Exactly 1 at x = 0, so a
+// row's own maximum contributes exactly 1. Inputs below -87 (and -inf) are clamped to -87, giving ~1.6e-38
+// instead of a denormal or 0: against a sum >= 1 that is invisible (1 + 1.6e-38 == 1 in float32), so a
+// saturated softmax still has confidence exactly 1.0.
 VLMFAST_INLINE vf8 exp_nonpos(vf8 x) {
   const vf8 lo = splat(-87.0f);
   const vf8 xc = x < lo ? lo : x;
@@ -58,8 +60,7 @@ VLMFAST_INLINE vf8 exp_nonpos(vf8 x) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   const vi8 bits = (__builtin_convertvector(kf, vi8) + 127) << 23;
-  const vf8 y = p * (vf8)bits;  // same-size vector cast = bit cast
-  return x < lo ? splat(0.0f) : y;
+  return p * (vf8)bits;  // same-size vector cast = bit cast
 }
 
 VLMFAST_INLINE float exp_nonpos(float x) { return exp_nonpos(splat(x))[0]; }
@@ -74,43 +75,86 @@ struct RowResult {
 
 inline int64_t padded(int64_t C) { return (C + kLanes - 1) / kLanes * kLanes; }
 
-// Statistics of one float32 row already in `buf` (length C >= 1, capacity padded(C)). The exp pass runs over
-// whole blocks of kLanes with fixed-size inner loops, which the compiler turns into straight vector code; the
-// padding is set to -inf, whose exp is exactly 0.
-VLMFAST_INLINE RowResult row_stats_f32(float* __restrict buf, int64_t C, int64_t y) {
+VLMFAST_INLINE vf8 load8(const float* p) {
+  vf8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Statistics of one contiguous float32 row `x` (length C >= 1), read in place: whole vectors straight from `x`,
+// the last C mod 8 elements through an 8-lane buffer padded with -inf (whose exp is exactly 0).
+// Pass 1: per-lane running max with the first index reaching it (strict >), NaN/inf flag; the lanes are then
+// merged by max value and lowest index, which is the first argmax of the row. Pass 2: exp sums, two vectors
+// per step for instruction-level parallelism.
+VLMFAST_INLINE RowResult row_stats_f32(const float* __restrict x, int64_t C, int64_t y) {
   RowResult out{};
-  float mx = -std::numeric_limits<float>::infinity();
-  int bad = 0;
-#pragma omp simd reduction(max : mx) reduction(| : bad)
-  for (int64_t c = 0; c < C; ++c) {
-    const float v = buf[c];
-    bad |= ((v - v) != 0.0f) ? 1 : 0;  // NaN or +-inf
-    mx = v > mx ? v : mx;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const int64_t full = C / kLanes * kLanes;
+  const int64_t rem = C - full;
+  alignas(32) float tail[kLanes];
+  for (int64_t j = 0; j < kLanes; ++j) tail[j] = j < rem ? x[full + j] : ninf;
+  const vi8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  vf8 mxv = splat(ninf);
+  vi8 idxv = lane * 0;
+  vi8 bad = lane * 0;
+  for (int64_t c0 = 0; c0 < full; c0 += kLanes) {
+    const vf8 v = load8(x + c0);
+    bad |= (v - v) != 0.0f;  // NaN or +-inf
+    const vi8 gt = v > mxv;
+    mxv = gt ? v : mxv;
+    idxv = gt ? lane + static_cast<int32_t>(c0) : idxv;
   }
-  if (bad) {
+  if (rem) {
+    const vf8 v = load8(tail);
+    bad |= ((v - v) != 0.0f) & (lane < static_cast<int32_t>(rem));  // the -inf padding is not an error
+    const vi8 gt = v > mxv;
+    mxv = gt ? v : mxv;
+    idxv = gt ? lane + static_cast<int32_t>(full) : idxv;
+  }
+  int any_bad = 0;
+  float mx = ninf;
+  for (int64_t j = 0; j < kLanes; ++j) {
+    any_bad |= bad[j];
+    mx = mxv[j] > mx ? mxv[j] : mx;
+  }
+  if (any_bad) {
     out.finite = false;
     return out;
   }
   out.finite = true;
-  int64_t pred = 0;
-  while (buf[pred] != mx) ++pred;  // first index holding the maximum (exists: no NaN in the row)
-  const int64_t Cp = padded(C);
-  for (int64_t c = C; c < Cp; ++c) buf[c] = -std::numeric_limits<float>::infinity();
-  vf8 sv = splat(0.0f), s2v = splat(0.0f);
-  const vf8 mxv = splat(mx);
-  for (int64_t c0 = 0; c0 < Cp; c0 += kLanes) {
-    vf8 v;
-    std::memcpy(&v, buf + c0, sizeof(v));
-    const vf8 e = exp_nonpos(v - mxv);
-    sv += e;
-    s2v += e * e;
+  int64_t pred = C;
+  for (int64_t j = 0; j < kLanes; ++j) {
+    if (mxv[j] == mx && idxv[j] < pred) pred = idxv[j];
   }
+  const vf8 m = splat(mx);
+  vf8 sa = splat(0.0f), sb = splat(0.0f), s2a = splat(0.0f), s2b = splat(0.0f);
+  int64_t c0 = 0;
+  for (; c0 + 2 * kLanes <= full; c0 += 2 * kLanes) {
+    const vf8 ea = exp_nonpos(load8(x + c0) - m);
+    const vf8 eb = exp_nonpos(load8(x + c0 + kLanes) - m);
+    sa += ea;
+    sb += eb;
+    s2a += ea * ea;
+    s2b += eb * eb;
+  }
+  for (; c0 < full; c0 += kLanes) {
+    const vf8 e = exp_nonpos(load8(x + c0) - m);
+    sa += e;
+    s2a += e * e;
+  }
+  if (rem) {
+    const vf8 e = exp_nonpos(load8(tail) - m);
+    sb += e;
+    s2b += e * e;
+  }
+  sa += sb;
+  s2a += s2b;
   float s = 0.0f, s2 = 0.0f;
   for (int64_t j = 0; j < kLanes; ++j) {
-    s += sv[j];
-    s2 += s2v[j];
+    s += sa[j];
+    s2 += s2a[j];
   }
-  const float xy = buf[y];
+  const float xy = x[y];
   const float py = exp_nonpos(xy - mx) / s;
   out.pred = pred;
   out.conf = 1.0f / s;
@@ -233,8 +277,12 @@ VLMFAST_CLONES void run_task_f32(const Ctx& ctx, Accum& acc, int64_t m, int64_t 
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t y = label_at(ctx.a->labels, m, n);
     const bool y_ok = y >= 0 && y < ctx.C;
-    load_row(base + m * x.stride(0) + n * x.stride(1), x.stride(2), ctx.C, buf);
-    RowResult r = row_stats_f32(buf, ctx.C, y_ok ? y : 0);
+    const float* row = base + m * x.stride(0) + n * x.stride(1);
+    if (x.stride(2) != 1) {
+      load_row(row, x.stride(2), ctx.C, buf);
+      row = buf;
+    }
+    RowResult r = row_stats_f32(row, ctx.C, y_ok ? y : 0);
     if (!y_ok) r.finite = false;
     record(ctx, acc, m, n, r, y, static_cast<double>(r.conf));
   }
