@@ -39,6 +39,7 @@ test-all: install
 
 bench: install
 	$(PY) benchmarks/bench_calibration.py
+	$(PY) benchmarks/bench_text.py
 
 info: install
 	$(PY) -m vlmfast.info

@@ -16,6 +16,11 @@ import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
+# Under pytest-xdist every worker would run torch's default thread count on the same cores; oversubscription
+# makes the CPU-heavy tests (pretraining, encoders) several times slower. One thread per worker.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device")

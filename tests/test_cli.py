@@ -73,11 +73,16 @@ def test_missing_labels_and_bad_values(tmp_path, capsys):
 
 
 def test_demo_runs_offline(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--n-test", "600", "--backend", "cpp"]) == 0
+    """The main job on the built-in data: the test-preset base (cached across the suite) at three logit scales,
+    audited on in-distribution and shifted sets."""
+    assert main(["demo", "--out", str(tmp_path), "--n-test", "400", "--presets", "test", "--backend", "cpp"]) == 0
     out = capsys.readouterr().out
-    assert "Calibration audit of 9 models" in out and "tower2 T=2" in out
-    assert (tmp_path / "reliability.png").stat().st_size > 20_000
-    d = json.loads((tmp_path / "calibration.json").read_text())
-    ece = dict(zip(d["models"], d["ece"]))
-    # temperature 0.5 sharpens an already fitted head: it must be the worst calibrated of its tower
-    assert ece["tower0 T=0.5"] > ece["tower0 T=1"]
+    assert "Fleet: 3 models" in out and "## sklearn digits (domain shift)" in out and "| test x2 |" in out
+    for slug in ("test", "sklearn-digits", "noise-severity-3", "blur-severity-3"):
+        assert (tmp_path / f"reliability-{slug}.png").stat().st_size > 20_000
+    d = json.loads((tmp_path / "calibration.json").read_text())["sets"]
+    ind, shift = d["test (in distribution)"], d["sklearn digits (domain shift)"]
+    i = ind["models"].index("test x1")
+    # a real domain shift: accuracy drops and calibration error grows
+    assert shift["accuracy"][i] < ind["accuracy"][i] - 0.1
+    assert shift["ece"][i] > ind["ece"][i]

@@ -1,8 +1,9 @@
 """vlmfast: fast fine-tuning and auditing of CLIP-style vision-language models.
 
 Public surface (stable): ``vlmfast.metrics`` (calibration, CalibrationError, piece), ``vlmfast.plot``
-(reliability_diagram), ``vlmfast.data`` (datasets with ground truth), ``vlmfast.ops`` (the ops with their torch references), ``vlmfast.backends()``, and
-``BackendError``. Heavy modules (plot, data) load on first use.
+(reliability_diagram), ``vlmfast.data`` (datasets with ground truth), ``vlmfast.models`` (open_clip models, text path, pretrained
+base), ``vlmfast.ops`` (the ops with their torch references), ``vlmfast.backends()``, and
+``BackendError``. Heavy modules (plot, data, models) load on first use.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ __all__ = [
     "functional",
     "metrics",
     "data",
+    "models",
     "ops",
     "piece",
     "plot",
 ]
 
 
-_LAZY = ("plot", "data")
+_LAZY = ("plot", "data", "models")
 
 
 def backends() -> dict[str, list[str]]:

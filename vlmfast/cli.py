@@ -26,7 +26,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vlmfast import demo
 
-    argv = ["--out", args.out, "--n-test", str(args.n_test)]
+    argv = ["--out", args.out, "--n-test", str(args.n_test), "--presets", args.presets]
     if args.backend:
         argv += ["--backend", args.backend]
     return demo.main(argv)
@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
     p = sub.add_parser("demo", help="the offline demo audit")
     p.add_argument("--out", default="out")
-    p.add_argument("--n-test", type=int, default=5000)
+    p.add_argument("--n-test", type=int, default=2000)
+    p.add_argument("--presets", default="default,test", help="pretraining presets of the fleet's bases")
     p.add_argument("--backend", default=None)
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("calibration", help="calibration metrics of saved logits")

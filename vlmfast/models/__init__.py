@@ -2,7 +2,7 @@
 region embeddings, a CPU-trainable pretrained base, and ``ModelSpec`` for fleet manifests.
 
 Importing this module registers the configs in ``vlmfast/models/configs/`` with open_clip (public
-``open_clip.add_model_config``): ``vlmfast-tiny-rn`` (ModifiedResNet at 128 px, the region/RaVL path) and
+``open_clip.add_model_config``): ``vlmfast-tiny-rn`` (ModifiedResNet at 64 px, the region/RaVL path) and
 ``vlmfast-tiny-vit`` (ViT at 64 px); see :mod:`vlmfast.models.factory` for their geometry.
 
 =========================  ==================================================================================

@@ -1,9 +1,10 @@
 """Region embeddings in the joint image-text space (the RaVL / ViLLA path).
 
 For an open_clip **ModifiedResNet** image tower (``method="roi"``, the default there): the trunk runs once per
-image up to ``layer`` (default ``"layer3"``); ``torchvision.ops.roi_align`` resamples every box of the batch in one
-call to the full grid of that layer (for ``vlmfast-tiny-rn`` at 128 px: layer3 is 8 x 8 and a 28 x 28 quadrant of a
-56 x 56 composite covers 4 x 4 of its cells) with ``spatial_scale = map width / input width``,
+image up to ``layer`` (default ``"auto"``: the deepest stage whose map is at least 8 cells wide — layer3 for RN50
+at 224 px, layer2 for ``vlmfast-tiny-rn`` at 64 px); ``torchvision.ops.roi_align`` resamples every box of the
+batch in one call to the full grid of that layer (for ``vlmfast-tiny-rn`` at 64 px: layer2 is 8 x 8 and a 28 x 28
+quadrant of a 56 x 56 composite covers 4 x 4 of its cells) with ``spatial_scale = map width / input width``,
 ``sampling_ratio=0`` (adaptive) and ``aligned=True`` (pixel-edge box coordinates, as ``[0, 0, 28, 28]`` means);
 then the remaining layers and the attention pool run on the resampled regions exactly as on a whole image, and the
 result is L2-normalised. Because the region fills the grid the attention pool was built for, no positional
