@@ -144,5 +144,27 @@ def base_row(bench: str, config: str, device: str) -> dict:
     }
 
 
+def cli(argv, doc: str, configs: dict, run_config, *, skip_by_default=("quick",), default_reps=None) -> int:
+    """The shared command line of the bench scripts: ``--config`` (repeatable), ``--reps``, ``--no-record``.
+    Without ``--config``: every config except ``skip_by_default`` whose device this machine has."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--config", action="append", choices=sorted(configs),
+                    help=f"default: every config this machine can run except {', '.join(skip_by_default)}")
+    ap.add_argument("--reps", type=int, default=default_reps, help="repetitions per provider")
+    ap.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results.csv")
+    args = ap.parse_args(argv)
+    names = args.config or [n for n, c in configs.items()
+                            if n not in skip_by_default and (c["device"] == "cpu" or torch.cuda.is_available())]
+    for name in names:
+        cfg = configs[name]
+        if cfg["device"] == "cuda" and not torch.cuda.is_available():
+            print(f"skipping {name}: no CUDA device")
+            continue
+        run_config(name, cfg, args.reps, not args.no_record)
+    return 0
+
+
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")

@@ -16,7 +16,6 @@ M*N*C / measured exp throughput), both measured in the same run.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -124,19 +123,7 @@ def run_config(name: str, cfg: dict, reps: int, record: bool) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", action="append", choices=sorted(CONFIGS), help="default: every config the machine can run")
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results.csv")
-    args = ap.parse_args(argv)
-    names = args.config or [n for n, c in CONFIGS.items() if n != "quick" and (c["device"] == "cpu" or torch.cuda.is_available())]
-    for name in names:
-        cfg = CONFIGS[name]
-        if cfg["device"] == "cuda" and not torch.cuda.is_available():
-            print(f"skipping {name}: no CUDA device")
-            continue
-        run_config(name, cfg, args.reps, not args.no_record)
-    return 0
+    return _runner.cli(argv, __doc__, CONFIGS, run_config, skip_by_default=("quick",), default_reps=10)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ faster than that, quadratically, so the speed-up can exceed its inverse).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -124,23 +123,7 @@ def run_config(name: str, cfg: dict, reps: int | None, record: bool) -> list[dic
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", action="append", choices=sorted(CONFIGS),
-                    help="default: every CPU config except quick (and the GPU one when a GPU is present)")
-    ap.add_argument("--reps", type=int, default=None, help="repetitions (default: per config)")
-    ap.add_argument("--no-record", action="store_true", help="do not append to benchmarks/results.csv")
-    args = ap.parse_args(argv)
-    names = args.config or [
-        n for n, c in CONFIGS.items()
-        if n not in ("quick", "cpu-vitb32-c1000") and (c["device"] == "cpu" or torch.cuda.is_available())
-    ]
-    for name in names:
-        cfg = CONFIGS[name]
-        if cfg["device"] == "cuda" and not torch.cuda.is_available():
-            print(f"skipping {name}: no CUDA device")
-            continue
-        run_config(name, cfg, args.reps, not args.no_record)
-    return 0
+    return _runner.cli(argv, __doc__, CONFIGS, run_config, skip_by_default=("quick", "cpu-vitb32-c1000"), default_reps=None)
 
 
 if __name__ == "__main__":
