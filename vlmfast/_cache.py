@@ -5,6 +5,7 @@ everything that determines them. Location: ``$VLMFAST_CACHE`` if set, else ``$XD
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -49,3 +50,16 @@ def atomic_path(path: Path):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_target(path: Path):
+    """``with atomic_target(path) as tmp:`` write ``tmp``; on success it replaces ``path`` in one rename, on any
+    error (or a kill) ``path`` keeps its old content and the temporary file is removed."""
+    tmp = atomic_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

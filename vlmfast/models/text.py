@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from vlmfast._cache import atomic_path, cache_dir, stable_hash
+from vlmfast._cache import atomic_target, cache_dir, stable_hash
 
 _TOKEN_CACHE_MAX = 200_000
 _token_cache: "OrderedDict[tuple[int, str], torch.Tensor]" = OrderedDict()
@@ -402,17 +402,10 @@ def encode_images(
             chunks.append(f.cpu())
     out = torch.cat(chunks) if chunks else torch.zeros(0, _output_dim(model))
     if path is not None:
-        import os
-
         from safetensors.torch import save_file
 
-        tmp = atomic_path(path)
-        try:
+        with atomic_target(path) as tmp:
             save_file({"features": out.contiguous()}, str(tmp))
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
     return out
 
 
