@@ -49,6 +49,7 @@ from vlmfast.ops.calibration_bins import (
     check_inputs,
     check_n_bins,
     equal_mass_sums,
+    group_sums,
     run_calibration_bins,
 )
 
@@ -194,6 +195,12 @@ def _gaps(count: torch.Tensor, correct: torch.Tensor, conf_sum: torch.Tensor):
     return acc, conf, gap, nonempty
 
 
+def weighted_error(count, correct, conf_sum, n_total: int) -> torch.Tensor:
+    """sum over groups (last dim) of (n_g / n_total) |acc_g - conf_g| (empty groups contribute 0)."""
+    _, _, gap, _ = _gaps(count, correct, conf_sum)
+    return (count.to(torch.float64) / n_total * gap).sum(dim=-1)
+
+
 def _binned_errors(count, correct, conf_sum, n_total: int):
     acc, conf, gap, nonempty = _gaps(count, correct, conf_sum)
     w = count.to(torch.float64) / n_total
@@ -235,12 +242,7 @@ def _dac_ace(conf: torch.Tensor, correct: torch.Tensor, n_bins: int) -> torch.Te
     out = torch.empty(M, dtype=torch.float64, device=conf.device)
     for m in range(M):
         b = quantile_bins(conf[m], n_bins)
-        k = int(b.max()) + 1
-        count = torch.zeros(k, dtype=torch.int64, device=conf.device).scatter_add_(0, b, torch.ones_like(b))
-        corr = torch.zeros_like(count).scatter_add_(0, b, correct[m].long())
-        csum = torch.zeros(k, dtype=torch.float64, device=conf.device).scatter_add_(0, b, conf[m].to(torch.float64))
-        _, _, gap, _ = _gaps(count[None], corr[None], csum[None])
-        out[m] = (count.to(torch.float64) / N * gap[0]).sum()
+        out[m] = weighted_error(*group_sums(b, correct[m], conf[m], int(b.max()) + 1), N)
     return out
 
 
@@ -250,14 +252,8 @@ def _per_batch_ece(conf: torch.Tensor, correct: torch.Tensor, n_bins: int, per_b
     n_batches = -(-N // per_batch)
     b = torch.floor(conf.to(torch.float64) * n_bins).long().clamp_(0, n_bins - 1)
     batch = (torch.arange(N, device=conf.device) // per_batch).unsqueeze(0).expand(M, N)
-    key = batch * n_bins + b
-    size = n_batches * n_bins
-    count = torch.zeros(M, size, dtype=torch.int64, device=conf.device).scatter_add_(1, key, torch.ones_like(key))
-    corr = torch.zeros_like(count).scatter_add_(1, key, correct.long())
-    csum = torch.zeros(M, size, dtype=torch.float64, device=conf.device).scatter_add_(1, key, conf.to(torch.float64))
-    _, _, gap, _ = _gaps(count, corr, csum)
-    # sum over batches of (n_batch / N) * sum_b (n_b / n_batch) gap_b  =  sum (n_b / N) gap_b
-    return (count.to(torch.float64) / N * gap).sum(dim=1)
+    # sum over batches of (n_batch / N) * sum_b (n_b / n_batch) gap_b  =  sum over (batch, bin) of (n_b / N) gap_b
+    return weighted_error(*group_sums(batch * n_bins + b, correct, conf, n_batches * n_bins), N)
 
 
 def _compute(
@@ -281,7 +277,7 @@ def _compute(
         corr_m[:, -1] -= st.saturated_correct
         csum_m[:, -1] -= st.saturated_count.to(torch.float64)
         _, _, gap, _ = _gaps(count_m, corr_m, csum_m)
-        ece = (st.bin_count.to(torch.float64) / N * gap).sum(dim=1)
+        ece = (st.bin_count.to(torch.float64) / N * gap).sum(dim=1)  # weights from the full counts
 
     mass = None
     if conf is not None:

@@ -16,8 +16,15 @@ from typing import Any
 
 import torch
 
-from vlmfast.metrics.calibration_error import CONVENTIONS, _gaps, quantile_bins
-from vlmfast.ops.calibration_bins import _as_tensor, check_inputs, check_n_bins, run_calibration_bins
+from vlmfast.metrics.calibration_error import CONVENTIONS, quantile_bins, weighted_error
+from vlmfast.ops.calibration_bins import (
+    _as_tensor,
+    check_inputs,
+    check_n_bins,
+    equal_mass_ids,
+    group_sums,
+    run_calibration_bins,
+)
 
 
 def _check_features(x: Any, name: str, M: int, n_expected: int | None) -> torch.Tensor:
@@ -88,19 +95,6 @@ def proximity(
     return out[0] if squeeze else out
 
 
-def _equal_mass_ids(values: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """Equal-mass bin id per entry of a 1-D tensor (stable sort, near-equal groups)."""
-    N = values.shape[0]
-    order = torch.sort(values, stable=True).indices
-    q, r = divmod(N, n_bins)
-    pos = torch.arange(N, device=values.device)
-    big = r * (q + 1)
-    bid_sorted = torch.where(pos < big, pos // (q + 1), r + (pos - big) // max(q, 1))
-    out = torch.empty_like(bid_sorted)
-    out[order] = bid_sorted
-    return out
-
-
 def piece(
     logits: Any,
     labels: Any,
@@ -169,17 +163,11 @@ def piece(
     for m in range(M):
         if convention == "dac":
             pb = quantile_bins(prox[m], proximity_bins)
-        else:
-            pb = _equal_mass_ids(prox[m], proximity_bins)
+        else:  # equal-mass: stable sort of the proximities, cut into near-equal groups
+            pb = torch.empty(N, dtype=torch.int64, device=prox.device)
+            pb[torch.sort(prox[m], stable=True).indices] = equal_mass_ids(N, proximity_bins, prox.device)
         key = pb * n_bins + cb[m]
-        size = int(key.max()) + 1
-        count = torch.zeros(size, dtype=torch.int64, device=key.device).scatter_add_(0, key, torch.ones_like(key))
-        corr = torch.zeros_like(count).scatter_add_(0, key, correct[m].long())
-        csum = torch.zeros(size, dtype=torch.float64, device=key.device).scatter_add_(
-            0, key, conf[m].to(torch.float64)
-        )
-        _, _, gap, _ = _gaps(count[None], corr[None], csum[None])
-        out[m] = (count.to(torch.float64) / N * gap[0]).sum()
+        out[m] = weighted_error(*group_sums(key, correct[m], conf[m], int(key.max()) + 1), N)
     if convention == "dac":
         out = out * 100.0
     return out[0] if squeezed else out

@@ -293,22 +293,32 @@ def _calibration_bins_triton(logits, labels, n_bins, outs):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def equal_mass_ids(N: int, n_bins: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Group id of each position of a sorted length-``N`` vector cut into ``n_bins`` contiguous groups whose sizes
+    differ by at most one, the first ``N mod n_bins`` larger (``torch.tensor_split`` semantics)."""
+    q, r = divmod(N, n_bins)
+    pos = torch.arange(N, device=device)
+    big = r * (q + 1)
+    return torch.where(pos < big, pos // (q + 1), r + (pos - big) // max(q, 1))
+
+
+def group_sums(key: torch.Tensor, correct: torch.Tensor, conf: torch.Tensor, size: int):
+    """Per group (``key`` along the last dim, values in ``[0, size)``): the count, the number correct and the sum
+    of confidences, as ``(..., size)`` int64, int64 and float64 tensors."""
+    shape = (*key.shape[:-1], size)
+    count = torch.zeros(shape, dtype=torch.int64, device=key.device).scatter_add_(-1, key, torch.ones_like(key))
+    n_correct = torch.zeros_like(count).scatter_add_(-1, key, correct.long())
+    conf_sum = torch.zeros(shape, dtype=torch.float64, device=key.device).scatter_add_(-1, key, conf.double())
+    return count, n_correct, conf_sum
+
+
 def equal_mass_sums_ref(conf: torch.Tensor, correct: torch.Tensor, n_bins: int):
     """Equal-mass bins: each model's confidences sorted (stable: ties keep sample order) and cut into ``n_bins``
-    groups whose sizes differ by at most one, the first ``N mod n_bins`` larger (``torch.tensor_split``).
-    Returns ``(count, n_correct, conf_sum)``, each ``(M, n_bins)`` (int64, int64, float64)."""
+    groups by :func:`equal_mass_ids`. Returns ``(count, n_correct, conf_sum)``, each ``(M, n_bins)``."""
     M, N = conf.shape
     sorted_conf, order = torch.sort(conf, dim=1, stable=True)
-    sorted_correct = correct.gather(1, order)
-    q, r = divmod(N, n_bins)
-    pos = torch.arange(N, device=conf.device)
-    big = r * (q + 1)
-    bid = torch.where(pos < big, pos // (q + 1), r + (pos - big) // max(q, 1)).unsqueeze(0).expand(M, N)
-    count = torch.zeros(M, n_bins, dtype=torch.int64, device=conf.device).scatter_add_(1, bid, torch.ones_like(bid))
-    n_correct = torch.zeros_like(count).scatter_add_(1, bid, sorted_correct.long())
-    conf_sum = torch.zeros(M, n_bins, dtype=torch.float64, device=conf.device)
-    conf_sum.scatter_add_(1, bid, sorted_conf.to(torch.float64))
-    return count, n_correct, conf_sum
+    bid = equal_mass_ids(N, n_bins, conf.device).unsqueeze(0).expand(M, N)
+    return group_sums(bid, correct.gather(1, order), sorted_conf, n_bins)
 
 
 def equal_mass_sums(conf: torch.Tensor, correct: torch.Tensor, n_bins: int, *, backend: str | None = None):
