@@ -126,29 +126,33 @@ def list_ops() -> list[str]:
 
 
 def implementations(op: str) -> dict[str, OpImpl]:
+    return dict(_impls(op))
+
+
+def _impls(op: str) -> dict[str, OpImpl]:
     if op not in _REGISTRY:
         raise ValueError(f"op: expected one of {list_ops()}, got {op!r}")
-    return dict(_REGISTRY[op])
+    return _REGISTRY[op]
+
+
+def _reasons(op: str, name: str, impl: OpImpl | None, inputs: dict[str, Any]) -> list[str]:
+    """Why ``impl`` (the ``name`` backend of ``op``) cannot run ``inputs``: global reasons first, then its checks."""
+    if impl is None:
+        return [f"no {name} implementation of {op}"]
+    reasons = list(backend_reasons(name))
+    if not reasons and impl.module is not None:
+        err = _kernel_import_error(impl.module)
+        if err:
+            reasons.append(err)
+    if not reasons and inputs:
+        reasons.extend(impl.check(**inputs))
+    return reasons
 
 
 def explain(op: str, **inputs: Any) -> dict[str, list[str]]:
     """For every backend, the reasons it cannot run ``op`` on ``inputs`` (empty list: it can)."""
-    impls = implementations(op)
-    out: dict[str, list[str]] = {}
-    for name in BACKENDS:
-        impl = impls.get(name)
-        if impl is None:
-            out[name] = [f"no {name} implementation of {op}"]
-            continue
-        reasons = list(backend_reasons(name))
-        if not reasons and impl.module is not None:
-            err = _kernel_import_error(impl.module)
-            if err:
-                reasons.append(err)
-        if not reasons and inputs:
-            reasons.extend(impl.check(**inputs))
-        out[name] = reasons
-    return out
+    impls = _impls(op)
+    return {name: _reasons(op, name, impls.get(name), inputs) for name in BACKENDS}
 
 
 def _format(op: str, reasons: dict[str, list[str]]) -> str:
@@ -174,18 +178,16 @@ def forced_backend(backend: str | None = None) -> str | None:
 
 
 def select(op: str, backend: str | None = None, **inputs: Any) -> OpImpl:
-    """The implementation of ``op`` to run on ``inputs``: the forced backend, else the first that can run it."""
+    """The implementation of ``op`` to run on ``inputs``: the forced backend, else the first that can run it.
+    Backends are checked in order and only until one can run; the full explanation is built for errors only."""
     forced = forced_backend(backend)
-    impls = implementations(op)
+    impls = _impls(op)
     if forced is not None:
-        reasons = explain(op, **inputs)
-        if reasons[forced]:
-            raise BackendError(
-                f"{op}: the forced backend {forced!r} cannot run these inputs. Every backend:\n{_format(op, reasons)}"
-            )
+        if _reasons(op, forced, impls.get(forced), inputs):
+            raise BackendError(f"{op}: the forced backend {forced!r} cannot run these inputs. Every backend:\n"
+                               + _format(op, explain(op, **inputs)))
         return impls[forced]
-    reasons = explain(op, **inputs)
     for name in BACKENDS:
-        if not reasons[name]:
+        if not _reasons(op, name, impls.get(name), inputs):
             return impls[name]
-    raise BackendError(f"{op}: no backend can run these inputs:\n{_format(op, reasons)}")
+    raise BackendError(f"{op}: no backend can run these inputs:\n{_format(op, explain(op, **inputs))}")
