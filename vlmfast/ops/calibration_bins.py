@@ -348,13 +348,16 @@ def equal_mass_sums(conf: torch.Tensor, correct: torch.Tensor, n_bins: int, *, b
 def _empty_outputs(
     M: int, N: int, n_bins: int, device: torch.device, return_samples: bool, conf_dtype: torch.dtype = torch.float32
 ) -> dict:
+    # Two allocations (integers, floats) carved into the contiguous views the backends accumulate into.
     nb1 = n_bins + 1
+    ints = torch.zeros(2 * M * nb1 + M, dtype=torch.int64, device=device)
+    flts = torch.zeros(M * nb1 + 2 * M, dtype=torch.float64, device=device)
     outs = {
-        "bin_count": torch.zeros(M, nb1, dtype=torch.int64, device=device),
-        "bin_correct": torch.zeros(M, nb1, dtype=torch.int64, device=device),
-        "bin_conf": torch.zeros(M, nb1, dtype=torch.float64, device=device),
-        "sums": torch.zeros(M, 2, dtype=torch.float64, device=device),
-        "nonfinite": torch.zeros(M, dtype=torch.int64, device=device),
+        "bin_count": ints[: M * nb1].view(M, nb1),
+        "bin_correct": ints[M * nb1 : 2 * M * nb1].view(M, nb1),
+        "nonfinite": ints[2 * M * nb1 :],
+        "bin_conf": flts[: M * nb1].view(M, nb1),
+        "sums": flts[M * nb1 :].view(M, 2),
         "sample_conf": None,
         "sample_correct": None,
     }
@@ -376,25 +379,22 @@ def run_calibration_bins(
     nonfinite = outs["nonfinite"]
     if bool((nonfinite > 0).any()):
         _raise_nonfinite(logits, nonfinite, squeezed)
-    count, correct, conf = outs["bin_count"], outs["bin_correct"], outs["bin_conf"]
-    # Fold slot n_bins (conf == 1.0 exactly) into the last bin; keep it apart as well.
-    sat_count, sat_correct = count[:, n_bins].clone(), correct[:, n_bins].clone()
-    count = count[:, :n_bins].clone()
-    correct = correct[:, :n_bins].clone()
-    conf = conf[:, :n_bins].clone()
-    count[:, -1] += sat_count
-    correct[:, -1] += sat_correct
+    # Fold slot n_bins (conf == 1.0 exactly) into the last bin; keep it apart as well (views of fresh buffers).
+    counts = torch.stack((outs["bin_count"], outs["bin_correct"]))  # (2, M, n_bins + 1)
+    folded = counts[..., :n_bins].clone()
+    folded[..., -1] += counts[..., n_bins]
+    conf = outs["bin_conf"][:, :n_bins].clone()
     conf[:, -1] += outs["bin_conf"][:, n_bins]
     return CalibrationBins(
         n_bins=n_bins,
         n_samples=N,
-        bin_count=count,
-        bin_correct=correct,
+        bin_count=folded[0],
+        bin_correct=folded[1],
         bin_conf_sum=conf,
-        saturated_count=sat_count,
-        saturated_correct=sat_correct,
-        nll_sum=outs["sums"][:, 0].clone(),
-        brier_sum=outs["sums"][:, 1].clone(),
+        saturated_count=counts[0, :, n_bins],
+        saturated_correct=counts[1, :, n_bins],
+        nll_sum=outs["sums"][:, 0],
+        brier_sum=outs["sums"][:, 1],
         confidence=outs["sample_conf"],
         correct=outs["sample_correct"],
         backend=impl.backend,
