@@ -9,6 +9,7 @@
 #include <string>
 
 #include "calibration_bins.h"
+#include "equal_mass_bins.h"
 #include "tensor.h"
 #include "vlmfast_build_config.h"
 

@@ -7,16 +7,19 @@ count, block-size choice) so that they can be tested and reasoned about without 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
 
-from vlmfast._dispatch import triton_interpreting
 
+def interpreting() -> bool:
+    """True when Triton kernels run in the interpreter (TRITON_INTERPRET=1), which accepts CPU tensors.
 
-# The one definition of "running under the interpreter" (TRITON_INTERPRET=1), shared with the dispatcher; under
-# the interpreter every tile step costs milliseconds, so the heuristics below pick few, large tiles there.
-interpreting = triton_interpreting
+    The one definition of it: the dispatcher imports this (``kernels/`` never imports the package's internals).
+    Under the interpreter every tile step costs milliseconds, so the heuristics below pick few, large tiles there.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
 
 
 def next_power_of_2(n: int) -> int:

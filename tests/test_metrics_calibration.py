@@ -232,3 +232,76 @@ def test_docstring_examples_run():
 
     failures, tried = doctest.testmod(mod, verbose=False)
     assert tried >= 1 and failures == 0
+
+
+def make_logits(M, N, C, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(M, N, C, generator=g) * 2
+
+
+def _storages(obj) -> set[int]:
+    """Data pointers of the storages of every tensor reachable from a dataclass/list (one level deep)."""
+    import dataclasses
+
+    out = set()
+    values = [getattr(obj, f.name) for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else list(obj)
+    for v in values:
+        for t in (v if isinstance(v, list) else [v]):
+            if isinstance(t, torch.Tensor) and t.numel():
+                out.add(t.untyped_storage().data_ptr())
+    return out
+
+
+@pytest.mark.parametrize("store_samples", [True, False])
+def test_results_never_share_storage_with_the_state(store_samples):
+    """Issue: after one update, compute().bin_count *was* the state; zeroing it changed the next compute."""
+    logits, labels = make_logits(2, 300, 5, seed=3), torch.randint(0, 5, (300,))
+    metric = CalibrationError(n_bins=10, store_samples=store_samples)
+    metric.update(logits, labels)
+    r1 = metric.compute()
+    state = _storages(metric._state.stats) | _storages(metric._state.confidence) | _storages(metric._state.correct)
+    assert not (_storages(r1) & state)
+    ece = r1.ece.clone()
+    r1.bin_count.zero_()
+    r1.ece.zero_()
+    r2 = metric.compute()
+    assert torch.equal(r2.ece, ece) and int(r2.bin_count.sum()) == 600
+
+
+def test_streaming_state_is_merged_on_update():
+    """store_samples=False: the state stays one set of (M, n_bins) sums however many chunks arrive."""
+    metric = CalibrationError(n_bins=10, store_samples=False)
+    one_shot = CalibrationError(n_bins=10, store_samples=False)
+    all_logits, all_labels = make_logits(3, 500, 4, seed=5), torch.randint(0, 4, (500,))
+    for i in range(0, 500, 10):
+        metric.update(all_logits[:, i : i + 10], all_labels[i : i + 10])
+    one_shot.update(all_logits, all_labels)
+    st = metric._state
+    assert st.confidence == [] and st.correct == []
+    assert tuple(st.stats.bin_count.shape) == (3, 10) and st.stats.n_samples == 500
+    a, b = metric.compute(), one_shot.compute()
+    assert torch.equal(a.bin_count, b.bin_count)
+    torch.testing.assert_close(a.ece, b.ece, atol=1e-12, rtol=0)
+    torch.testing.assert_close(a.nll, b.nll, atol=1e-12, rtol=1e-12)
+
+
+def test_to_dict_is_strict_json():
+    import json
+
+    logits = torch.tensor([[4.0, 0.0], [0.0, 4.0], [5.0, 0.0]])  # confidences near 1: most bins empty
+    r = calibration(logits, torch.tensor([0, 1, 1]), n_bins=15, backend="torch")
+    d = r.to_dict()
+    text = json.dumps(d, allow_nan=False)
+    assert json.loads(text)["bin_accuracy"][0] is None
+    assert d["backends"] == {"calibration_bins": "torch", "equal_mass_bins": "torch"}
+
+
+def test_validate_args_false_leaves_bad_rows_out():
+    logits, labels = make_logits(1, 50, 3, seed=1)[0], torch.randint(0, 3, (50,))
+    clean = calibration(logits[1:], labels[1:], 10, backend="torch")
+    logits[0, 1] = float("inf")
+    with pytest.raises(ValueError, match="sample 0, class 1"):
+        calibration(logits, labels, 10)
+    for backend in ("torch", "cpp"):
+        r = calibration(logits[1:], labels[1:], 10, backend=backend, validate_args=False)
+        torch.testing.assert_close(r.ece, clean.ece, atol=1e-6, rtol=0)

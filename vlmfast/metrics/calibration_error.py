@@ -44,14 +44,9 @@ from typing import Any, Sequence
 
 import torch
 
-from vlmfast.ops.calibration_bins import (
-    CalibrationBins,
-    check_inputs,
-    check_n_bins,
-    equal_mass_sums,
-    group_sums,
-    run_calibration_bins,
-)
+from vlmfast.metrics.binning import binned_errors, gaps, group_sums, quantile_bins, weighted_error
+from vlmfast.ops.calibration_bins import CalibrationBins, check_inputs, check_n_bins, run_calibration_bins
+from vlmfast.ops.equal_mass_bins import equal_mass_bins
 
 BINNINGS = ("width", "mass")
 CONVENTIONS = ("standard", "dac")
@@ -63,6 +58,10 @@ class CalibrationResult:
     """Calibration metrics of M models. Scalars have shape ``(M,)`` (0-d for 2-D logits), bins ``(M, n_bins)``
     (``(n_bins,)`` for 2-D logits). ``bin_confidence``/``bin_accuracy`` are NaN for empty bins. ``ece`` is the
     global (dataset-level) ECE; ``ece_per_batch`` is CaRot's per-batch average, present only when requested.
+    ``backend`` is the backend of the logits pass; ``backends`` names the backend of every step
+    (``calibration_bins``, and ``equal_mass_bins`` when equal-mass bins were computed), and ``notes`` says why a
+    forced backend was not used for a step that it does not implement. A result never shares storage with the
+    state of a :class:`CalibrationError`.
     """
 
     ece: torch.Tensor
@@ -84,6 +83,8 @@ class CalibrationResult:
     per_batch: int | None = None
     ece_per_batch: torch.Tensor | None = None
     backend: str = "torch"
+    backends: dict[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
     metric_names: tuple[str, ...] = field(
         default=("ece", "ace", "mce", "mce_weighted", "rmsce", "nll", "brier", "accuracy", "confidence"), repr=False
     )
@@ -93,13 +94,20 @@ class CalibrationResult:
         return 1 if self.ece.dim() == 0 else int(self.ece.shape[0])
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain Python values (lists per model), e.g. for JSON or a database row."""
+        """Plain Python values (lists per model), e.g. for JSON or a database row. Strict-JSON safe: NaN (empty
+        bins) and infinities become None."""
         out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name == "metric_names":
                 continue
-            out[f.name] = v.tolist() if isinstance(v, torch.Tensor) else v
+            if isinstance(v, torch.Tensor):
+                v = _finite_or_none(v.tolist())
+            elif isinstance(v, tuple):
+                v = list(v)
+            elif isinstance(v, dict):
+                v = dict(v)
+            out[f.name] = v
         return out
 
     def table(self, model_names: Sequence[str] | None = None, digits: int = 4) -> str:
@@ -140,101 +148,46 @@ def _validate_options(n_bins: Any, binning: Any, convention: Any, per_batch: Any
     return n_bins
 
 
+def _finite_or_none(v: Any) -> Any:
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, list):
+        return [_finite_or_none(x) for x in v]
+    return v
+
+
+_SUMS = ("bin_count", "bin_correct", "bin_conf_sum", "saturated_count", "saturated_correct", "nll_sum", "brier_sum")
+
+
 @dataclass
 class _State:
-    """What calibration needs from the data: the op's sums plus, optionally, per-sample confidence/correctness."""
+    """What calibration needs from the data: the op's sums plus, optionally, per-sample confidence/correctness
+    (kept as a list of chunks, concatenated when computed)."""
 
     stats: CalibrationBins
-    confidence: torch.Tensor | None  # (M, N) float32
-    correct: torch.Tensor | None  # (M, N) bool
+    confidence: list[torch.Tensor] = field(default_factory=list)  # (M, n) float32 chunks
+    correct: list[torch.Tensor] = field(default_factory=list)  # (M, n) bool chunks
 
-    @classmethod
-    def merge(cls, parts: list["_State"]) -> "_State":
-        first = parts[0].stats
-        if len(parts) == 1:
-            return parts[0]
+    def add(self, other: CalibrationBins) -> None:
+        """Merge the sums of another pass in place (the state stays O(M * n_bins))."""
+        for name in _SUMS:
+            getattr(self.stats, name).add_(getattr(other, name))
+        self.stats.n_samples += other.n_samples
 
-        def total(name: str) -> torch.Tensor:
-            out = getattr(first, name).clone()
-            for p in parts[1:]:
-                out += getattr(p.stats, name)
-            return out
-
-        stats = CalibrationBins(
-            n_bins=first.n_bins,
-            n_samples=sum(p.stats.n_samples for p in parts),
-            bin_count=total("bin_count"),
-            bin_correct=total("bin_correct"),
-            bin_conf_sum=total("bin_conf_sum"),
-            saturated_count=total("saturated_count"),
-            saturated_correct=total("saturated_correct"),
-            nll_sum=total("nll_sum"),
-            brier_sum=total("brier_sum"),
-            backend=first.backend,
-        )
-        have = all(p.confidence is not None for p in parts)
-        conf = torch.cat([p.confidence for p in parts], dim=1) if have else None
-        corr = torch.cat([p.correct for p in parts], dim=1) if have else None
-        return cls(stats, conf, corr)
+    def samples(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not self.confidence:
+            return None, None
+        if len(self.confidence) > 1:  # consolidate, so that later computes do not concatenate again
+            self.confidence = [torch.cat(self.confidence, dim=1)]
+            self.correct = [torch.cat(self.correct, dim=1)]
+        return self.confidence[0], self.correct[0]
 
 
-def _update(logits: Any, labels: Any, n_bins: int, store_samples: bool, backend: str | None) -> tuple[_State, bool, int]:
+def _update(logits: Any, labels: Any, n_bins: int, store_samples: bool, backend: str | None,
+            validate_args: bool = True) -> tuple[CalibrationBins, bool, int]:
     logits, labels, n_bins, squeezed = check_inputs(logits, labels, n_bins)
-    stats = run_calibration_bins(logits, labels, n_bins, store_samples, backend, squeezed)
-    return _State(stats, stats.confidence, stats.correct), squeezed, int(logits.shape[2])
-
-
-def _gaps(count: torch.Tensor, correct: torch.Tensor, conf_sum: torch.Tensor):
-    """Per-bin mean accuracy and confidence (NaN where empty) and |acc - conf| (0 where empty)."""
-    countf = count.to(torch.float64)
-    nonempty = count > 0
-    denom = torch.where(nonempty, countf, torch.ones_like(countf))
-    acc = torch.where(nonempty, correct.to(torch.float64) / denom, torch.full_like(countf, math.nan))
-    conf = torch.where(nonempty, conf_sum / denom, torch.full_like(countf, math.nan))
-    gap = torch.where(nonempty, (acc - conf).abs(), torch.zeros_like(countf))
-    return acc, conf, gap, nonempty
-
-
-def weighted_error(count, correct, conf_sum, n_total: int) -> torch.Tensor:
-    """sum over groups (last dim) of (n_g / n_total) |acc_g - conf_g| (empty groups contribute 0)."""
-    _, _, gap, _ = _gaps(count, correct, conf_sum)
-    return (count.to(torch.float64) / n_total * gap).sum(dim=-1)
-
-
-def _binned_errors(count, correct, conf_sum, n_total: int):
-    acc, conf, gap, nonempty = _gaps(count, correct, conf_sum)
-    w = count.to(torch.float64) / n_total
-    ece = (w * gap).sum(dim=1)
-    rmsce = torch.sqrt((w * gap * gap).sum(dim=1))
-    mce = torch.where(nonempty, gap, torch.full_like(gap, -1.0)).amax(dim=1).clamp_min(0.0)
-    mce_weighted = (w * gap).amax(dim=1)
-    return ece, rmsce, mce, mce_weighted, acc, conf
-
-
-def _percentile_linear(sorted_vals: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """numpy.percentile(method="linear") of one sorted float64 vector at levels in [0, 100]."""
-    n = sorted_vals.shape[0]
-    idx = levels / 100.0 * (n - 1)
-    lo = idx.floor().long().clamp_(0, n - 1)
-    hi = (lo + 1).clamp_(max=n - 1)
-    t = idx - lo.to(idx.dtype)
-    a, b = sorted_vals[lo], sorted_vals[hi]
-    # numpy's _lerp: a + (b - a) t, evaluated from the upper end when t >= 0.5
-    return torch.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)
-
-
-def quantile_bins(values: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """Bin index per value (one model, 1-D) by scikit-learn's quantile KBinsDiscretizer with linear percentiles:
-    edges at the 0, 100/n, ..., 100 percentiles, bins narrower than 1e-8 merged, ``[lo, hi)`` with the last closed.
-    """
-    v = values.to(torch.float64)
-    s, _ = torch.sort(v)
-    levels = torch.linspace(0, 100, n_bins + 1, dtype=torch.float64, device=v.device)
-    edges = _percentile_linear(s, levels)
-    keep = torch.ones_like(edges, dtype=torch.bool)
-    keep[1:] = (edges[1:] - edges[:-1]) > 1e-8
-    edges = edges[keep]
-    return torch.searchsorted(edges[1:-1].contiguous(), v.contiguous(), right=True)
+    stats = run_calibration_bins(logits, labels, n_bins, store_samples, backend, squeezed, validate_args)
+    return stats, squeezed, int(logits.shape[2])
 
 
 def _dac_ace(conf: torch.Tensor, correct: torch.Tensor, n_bins: int) -> torch.Tensor:
@@ -261,13 +214,22 @@ def _compute(
 ) -> CalibrationResult:
     st = state.stats
     n_bins, N = st.n_bins, st.n_samples
-    conf, correct = state.confidence, state.correct
+    conf, correct = state.samples()
     if conf is None and (binning == "mass" or per_batch is not None):
         raise ValueError("binning='mass' and per_batch need per-sample statistics (store_samples=True)")
+    backends = {"calibration_bins": st.backend}
+    notes: list[str] = []
+
+    def mass_sums():
+        sums, name, note = equal_mass_bins(conf, correct, n_bins, backend=backend, strict=False)
+        backends["equal_mass_bins"] = name
+        if note:
+            notes.append(note)
+        return sums
 
     # Equal-width bins, standard convention (conf == 1.0 inside the last bin).
-    ece, rmsce, mce, mce_w, bin_acc, bin_conf = _binned_errors(st.bin_count, st.bin_correct, st.bin_conf_sum, N)
-    bin_count = st.bin_count
+    ece, rmsce, mce, mce_w, bin_acc, bin_conf = binned_errors(st.bin_count, st.bin_correct, st.bin_conf_sum, N)
+    bin_count = st.bin_count.clone()  # results never share storage with the state
     if convention == "dac":
         # DAC ECE: conf == 1.0 samples out of the last bin's means, still in its weight.
         count_m = st.bin_count.clone()
@@ -276,7 +238,7 @@ def _compute(
         count_m[:, -1] -= st.saturated_count
         corr_m[:, -1] -= st.saturated_correct
         csum_m[:, -1] -= st.saturated_count.to(torch.float64)
-        _, _, gap, _ = _gaps(count_m, corr_m, csum_m)
+        _, _, gap, _ = gaps(count_m, corr_m, csum_m)
         ece = (st.bin_count.to(torch.float64) / N * gap).sum(dim=1)  # weights from the full counts
 
     mass = None
@@ -284,15 +246,15 @@ def _compute(
         if convention == "dac":
             ace = _dac_ace(conf, correct, n_bins)
         else:
-            mass = equal_mass_sums(conf, correct, n_bins, backend=backend)
-            ace = _binned_errors(*mass, N)[0]
+            mass = mass_sums()
+            ace = binned_errors(*mass, N)[0]
     else:
         ace = torch.full_like(ece, math.nan)
 
     if binning == "mass":
         if mass is None:
-            mass = equal_mass_sums(conf, correct, n_bins, backend=backend)
-        ece, rmsce, mce, mce_w, bin_acc, bin_conf = _binned_errors(*mass, N)
+            mass = mass_sums()
+        ece, rmsce, mce, mce_w, bin_acc, bin_conf = binned_errors(*mass, N)
         bin_count = mass[0]
 
     ece_pb = _per_batch_ece(conf, correct, n_bins, per_batch) if per_batch is not None else None
@@ -327,6 +289,8 @@ def _compute(
         convention=convention,
         per_batch=per_batch,
         backend=st.backend,
+        backends=backends,
+        notes=tuple(notes),
     )
 
 
@@ -344,6 +308,7 @@ def calibration(
     convention: str = "standard",
     per_batch: int | None = None,
     backend: str | None = None,
+    validate_args: bool = True,
 ) -> CalibrationResult:
     """All calibration metrics of M models in one pass (see the module docs for every definition).
 
@@ -357,7 +322,11 @@ def calibration(
         convention: ``"standard"`` or ``"dac"`` (DAC/DOR reference quirks, values in percent).
         per_batch: also compute CaRot's per-batch ECE over consecutive batches of this size (``ece_per_batch``);
             ``ece`` stays the global ECE.
-        backend: force a backend of the ``calibration_bins`` op (``triton``, ``cuda``, ``cpp``, ``torch``).
+        backend: force a backend (``triton``, ``cuda``, ``cpp``, ``torch``). The logits pass must run on it (else
+            :class:`vlmfast.BackendError`); the equal-mass step runs on it when it implements that step, else on
+            the default backend, and ``result.notes`` says so.
+        validate_args: check label values and finite logits (one host sync after the pass). ``False`` skips the
+            sync; rows with NaN/inf logits or labels outside ``[0, C)`` are then left out of the metrics.
 
     Returns:
         :class:`CalibrationResult`: tensors of shape ``(M,)`` (0-d for 2-D logits) and ``(M, n_bins)`` bins.
@@ -370,7 +339,8 @@ def calibration(
         [0.75]
     """
     n_bins = _validate_options(n_bins, binning, convention, per_batch)
-    state, squeezed, _ = _update(logits, labels, n_bins, True, backend)
+    stats, squeezed, _ = _update(logits, labels, n_bins, True, backend, bool(validate_args))
+    state = _State(stats, [stats.confidence], [stats.correct])
     return _compute(state, binning, convention, per_batch, squeezed, backend)
 
 
@@ -380,8 +350,10 @@ class CalibrationError:
     Chunks add samples (along N) for the same M models. ``compute()`` equals :func:`calibration` on the
     concatenated input: counts, ``ace``, ``mce`` and per-batch ECE exactly (they come from the same per-sample
     values), sums up to float64 rounding (bitwise equal in practice: confidences >= 1/C sum exactly in float64
-    for N < 2^20 when C <= 1024). With ``store_samples=False`` the state is O(M * n_bins) instead of O(M * N),
-    and ``ace`` is NaN (equal-mass bins need every confidence); ``binning="mass"`` and ``per_batch`` then fail.
+    for N < 2^20 when C <= 1024). Each ``update`` merges its sums into the state, so with ``store_samples=False``
+    the state is O(M * n_bins) however many chunks arrive (and ``ace`` is NaN: equal-mass bins need every
+    confidence; ``binning="mass"`` and ``per_batch`` then fail); with ``store_samples=True`` it also keeps the
+    O(M * N) per-sample confidences and correctness. Results never share storage with the state.
     """
 
     higher_is_better = False
@@ -395,6 +367,7 @@ class CalibrationError:
         per_batch: int | None = None,
         store_samples: bool = True,
         backend: str | None = None,
+        validate_args: bool = True,
     ) -> None:
         self.n_bins = _validate_options(n_bins, binning, convention, per_batch)
         if not isinstance(store_samples, bool):
@@ -406,37 +379,42 @@ class CalibrationError:
         self.per_batch = per_batch
         self.store_samples = store_samples
         self.backend = backend
+        self.validate_args = bool(validate_args)
         self.reset()
 
     def reset(self) -> None:
-        self._parts: list[_State] = []
+        self._state: _State | None = None
         self._squeezed: bool | None = None
         self._models: int | None = None
         self._classes: int | None = None
 
     @property
     def n_samples(self) -> int:
-        return sum(p.stats.n_samples for p in self._parts)
+        return 0 if self._state is None else self._state.stats.n_samples
 
     def update(self, logits: Any, labels: Any) -> None:
-        state, squeezed, C = _update(logits, labels, self.n_bins, self.store_samples, self.backend)
-        M = state.stats.bin_count.shape[0]
-        if self._parts:
+        stats, squeezed, C = _update(logits, labels, self.n_bins, self.store_samples, self.backend,
+                                     self.validate_args)
+        M = stats.bin_count.shape[0]
+        if self._state is not None:
             if squeezed != self._squeezed or M != self._models:
                 want = "(N, C)" if self._squeezed else f"({self._models}, N, C)"
                 raise ValueError(f"logits: expected chunks shaped {want} like the first update, got M = {M}")
             if C != self._classes:
                 raise ValueError(f"logits: expected C = {self._classes} classes like the first update, got {C}")
+            self._state.add(stats)
         else:
             self._squeezed, self._models, self._classes = squeezed, M, C
-        self._parts.append(state)
+            self._state = _State(stats)
+        if self.store_samples:
+            self._state.confidence.append(stats.confidence)
+            self._state.correct.append(stats.correct)
 
     def compute(self) -> CalibrationResult:
-        if not self._parts:
+        if self._state is None:
             raise ValueError("compute: no samples; call update(logits, labels) first")
-        return _compute(
-            _State.merge(self._parts), self.binning, self.convention, self.per_batch, bool(self._squeezed), self.backend
-        )
+        return _compute(self._state, self.binning, self.convention, self.per_batch, bool(self._squeezed),
+                        self.backend)
 
     def __repr__(self) -> str:
         return (

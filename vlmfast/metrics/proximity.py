@@ -16,19 +16,13 @@ from typing import Any
 
 import torch
 
-from vlmfast.metrics.calibration_error import CONVENTIONS, quantile_bins, weighted_error
-from vlmfast.ops.calibration_bins import (
-    _as_tensor,
-    check_inputs,
-    check_n_bins,
-    equal_mass_ids,
-    group_sums,
-    run_calibration_bins,
-)
+from vlmfast.metrics.binning import equal_mass_ids, group_sums, quantile_bins, weighted_error
+from vlmfast.metrics.calibration_error import CONVENTIONS
+from vlmfast.ops.calibration_bins import as_tensor, check_inputs, check_n_bins, run_calibration_bins
 
 
 def _check_features(x: Any, name: str, M: int, n_expected: int | None) -> torch.Tensor:
-    x = _as_tensor(x, name)
+    x = as_tensor(x, name)
     if not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating tensor, got {x.dtype}")
     if x.dim() == 2:
@@ -60,11 +54,11 @@ def proximity(
     Returns:
         ``(N,)`` or ``(M, N)`` proximities in (0, 1].
     """
-    f = _as_tensor(features, "features")
+    f = as_tensor(features, "features")
     squeeze = f.dim() == 2
     M = 1 if squeeze else f.shape[0]
     f = _check_features(f, "features", M, None)
-    ref = _as_tensor(reference_features, "reference_features")
+    ref = as_tensor(reference_features, "reference_features")
     if ref.dim() == 2:
         ref = ref.unsqueeze(0).expand(M, *ref.shape)
     ref = _check_features(ref, "reference_features", M, None)
@@ -136,7 +130,7 @@ def piece(
     if proximities is not None:
         if features is not None or reference_features is not None:
             raise ValueError("proximities: give either proximities or features + reference_features, not both")
-        prox = _as_tensor(proximities, "proximities").to(logits.device)
+        prox = as_tensor(proximities, "proximities").to(logits.device)
         if not prox.is_floating_point():
             raise TypeError(f"proximities: expected a floating tensor, got {prox.dtype}")
         if prox.dim() == 1:
@@ -148,7 +142,7 @@ def piece(
     else:
         if features is None or reference_features is None:
             raise ValueError("features and reference_features: both are required (or pass proximities)")
-        f = _as_tensor(features, "features")
+        f = as_tensor(features, "features")
         f = _check_features(f, "features", M, N)
         if f.device != logits.device:
             raise ValueError(f"features: expected on the logits' device {logits.device}, got {f.device}")

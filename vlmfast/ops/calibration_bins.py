@@ -9,7 +9,10 @@ computes per row, with the softmax taken on the fly (online max; the ``(M, N, C)
 
 and accumulates per model and confidence bin: the count, the sum of confidences and the number correct; per
 model: the sums of NLL and Brier. Optionally it also returns the per-sample confidence and correctness
-``(M, N)``, which equal-mass bins (ACE), per-batch ECE and PIECE need.
+``(M, N)``, which equal-mass bins (ACE), per-batch ECE and PIECE need. Rows with a NaN/inf logit or a label
+outside ``[0, C)`` are left out of every sum and counted in ``n_invalid``; with ``validate_args=True`` (the
+default) any such row raises a ``ValueError`` naming the model, sample (and class) after the pass — one host
+sync per call, none with ``validate_args=False``.
 
 **Bins.** ``n_bins`` equal-width bins on [0, 1]: bin ``b`` holds ``b/n_bins <= conf < (b+1)/n_bins`` with exact
 real-number edges (``floor(conf * n_bins)`` evaluated in float64), except the last, which is closed,
@@ -18,9 +21,11 @@ netcal and equals torchmetrics wherever torchmetrics is correct (torchmetrics pu
 extra bin). Such samples are also counted apart in ``saturated_count``/``saturated_correct`` so that the DAC/DOR
 reference convention (which leaves them out of the bin means) can be reproduced.
 
-Backends: ``triton`` (``kernels/calibration_bins.py``), ``cuda`` (``csrc/cuda/calibration_bins.cu``), ``cpp``
-(``csrc/calibration_bins.cpp``), ``torch`` (:func:`calibration_bins_ref`, the oracle), chosen by
-:mod:`vlmfast._dispatch`.
+**Layers** (the op-layer template, ``docs/adding_an_op.md``): backend forwards registered with
+:mod:`vlmfast._dispatch` — ``triton`` (``kernels/calibration_bins.py``), ``cuda`` (``csrc/cuda/calibration_bins.cu``),
+``cpp`` (``csrc/calibration_bins.cpp``), ``torch`` (:func:`calibration_bins_ref`, the oracle) — behind the
+``torch.library`` op ``torch.ops.vlmfast.calibration_bins`` (with a fake implementation, so it runs inside
+``torch.compile(fullgraph=True)``), behind the functional :func:`calibration_bins`. The op is not differentiable.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from vlmfast import _dispatch
 from vlmfast._C_loader import get_C, tensor_view
@@ -38,12 +44,21 @@ MAX_BINS = 1 << 20
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def _probe(device: str) -> dict[str, Any]:
+    return {"logits": torch.empty(1, 1, 2, device=device), "n_bins": 15}
+
+
+_dispatch.define_op(OP, device_arg="logits", probe=_probe, module=__name__)
+
+
 @dataclass
 class CalibrationBins:
     """Sufficient statistics of one :func:`calibration_bins` call. Shapes: M models, ``n_bins`` bins.
 
     ``bin_*`` follow the standard convention (last bin closed, conf == 1.0 inside it). ``confidence`` and
-    ``correct`` are ``(M, N)`` when requested with ``return_samples=True``, else None (float64 for float64 logits, else float32).
+    ``correct`` are ``(M, N)`` when requested with ``return_samples=True``, else None (float64 for float64 logits,
+    else float32). ``n_invalid`` counts the rows left out (NaN/inf logits or labels outside ``[0, C)``): always
+    zero when the call validated its arguments, since such rows raise.
     """
 
     n_bins: int
@@ -58,6 +73,7 @@ class CalibrationBins:
     confidence: torch.Tensor | None = None  # (M, N) float32 (float64 for float64 logits)
     correct: torch.Tensor | None = None  # (M, N) bool
     backend: str = "torch"
+    n_invalid: torch.Tensor | None = None  # (M,) int64
 
     @property
     def n_correct(self) -> torch.Tensor:
@@ -69,7 +85,8 @@ class CalibrationBins:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _as_tensor(x: Any, name: str) -> torch.Tensor:
+def as_tensor(x: Any, name: str) -> torch.Tensor:
+    """``x`` as a tensor (array-likes converted), or a TypeError naming the argument."""
     if isinstance(x, torch.Tensor):
         return x
     try:
@@ -90,18 +107,22 @@ def check_n_bins(n_bins: Any, name: str = "n_bins") -> int:
 
 
 def check_inputs(logits: Any, labels: Any, n_bins: Any) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
-    """Validate and normalise: returns ``(logits (M, N, C), labels (M, N) int32/int64, n_bins, squeezed)``.
+    """Validate shapes, dtypes and devices (no host sync) and normalise: returns ``(logits (M, N, C), labels
+    (M, N) int32/int64, n_bins, squeezed)``. Label values and non-finite logits are checked after the pass, from
+    the kernels' count of invalid rows (see :func:`raise_invalid`).
 
     ``squeezed`` is True for 2-D input (results then drop the model dimension). Labels shared by all models come
     back as an expanded (stride-0) view, not a copy.
     """
     n_bins = check_n_bins(n_bins)
-    logits = _as_tensor(logits, "logits")
-    labels = _as_tensor(labels, "labels")
+    logits = as_tensor(logits, "logits")
+    labels = as_tensor(labels, "labels")
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits: expected float32, float16, bfloat16 or float64, got {logits.dtype}")
     if logits.dim() not in (2, 3):
         raise ValueError(f"logits: expected shape (N, C) or (M, N, C), got {tuple(logits.shape)}")
+    if logits.device.type == "meta" or labels.device.type == "meta":
+        raise ValueError("logits/labels: expected tensors with data (CPU or CUDA), got meta tensors")
     squeezed = logits.dim() == 2
     if squeezed:
         logits = logits.unsqueeze(0)
@@ -126,24 +147,25 @@ def check_inputs(logits: Any, labels: Any, n_bins: Any) -> tuple[torch.Tensor, t
         raise ValueError(f"labels: expected shape {want}, got {tuple(labels.shape)}")
     if labels.dtype not in (torch.int64, torch.int32):
         labels = labels.to(torch.int64)
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= C:
-        bad = ((labels < 0) | (labels >= C)).nonzero()[0].tolist()
-        where = f"sample {bad[1]}" if squeezed or labels.stride(0) == 0 else f"model {bad[0]}, sample {bad[1]}"
-        raise ValueError(
-            f"labels: expected values in [0, {C}) (C = {C} classes), got {int(labels[bad[0], bad[1]])} at {where}"
-        )
     return logits, labels, n_bins, squeezed
 
 
-def _raise_nonfinite(logits: torch.Tensor, nonfinite: torch.Tensor, squeezed: bool) -> None:
-    bad_models = nonfinite.nonzero().flatten().tolist()
+def raise_invalid(logits: torch.Tensor, labels: torch.Tensor, invalid: torch.Tensor, squeezed: bool) -> None:
+    """Raise the ValueError for rows the pass left out (``invalid`` (M,) > 0 somewhere): a label outside
+    ``[0, C)`` first, else the first NaN/inf logit, naming the model, sample (and class)."""
+    C = logits.shape[2]
+    bad_label = (labels < 0) | (labels >= C)
+    if bool(bad_label.any()):
+        m, n = bad_label.nonzero()[0].tolist()
+        where = f"sample {n}" if squeezed or labels.stride(0) == 0 else f"model {m}, sample {n}"
+        raise ValueError(f"labels: expected values in [0, {C}) (C = {C} classes), got {int(labels[m, n])} at {where}")
+    bad_models = invalid.nonzero().flatten().tolist()
     m = bad_models[0]
     rows = (~torch.isfinite(logits[m])).nonzero()
     n, c = rows[0].tolist()
     value = float(logits[m, n, c])
     where = f"sample {n}, class {c}" if squeezed else f"model {m}, sample {n}, class {c}"
-    total = int(nonfinite.sum())
+    total = int(invalid.sum())
     raise ValueError(
         f"logits: expected finite values, got {value} at {where} ({total} row(s) with NaN or inf"
         + ("" if squeezed else f" in model(s) {bad_models[:10]}{'...' if len(bad_models) > 10 else ''}")
@@ -197,12 +219,15 @@ def _run_torch(logits: torch.Tensor, labels: torch.Tensor, n_bins: int, outs: di
             n1 = min(N, n0 + rows_per_chunk)
             x = logits[m, n0:n1]
             y = labels[m, n0:n1]
+            y_ok = (y >= 0) & (y < C)  # rows with a label outside [0, C) are left out, as in the kernels
+            y = torch.where(y_ok, y, torch.zeros((), dtype=y.dtype, device=y.device))
             conf, pred, nll, brier, finite = _row_stats_ref(x, y)
+            finite = finite & y_ok
             correct = pred == y
             m_idx = torch.full((n1 - n0,), m, dtype=torch.long, device=logits.device)
             _accumulate(conf, correct, nll, brier, finite, m_idx, n_bins, outs)
             if outs.get("sample_conf") is not None:
-                outs["sample_conf"][m, n0:n1] = conf.to(outs["sample_conf"].dtype)
+                outs["sample_conf"][m, n0:n1] = torch.where(finite, conf, 0.0).to(outs["sample_conf"].dtype)
                 outs["sample_correct"][m, n0:n1] = correct & finite
 
 
@@ -214,27 +239,17 @@ def calibration_bins_ref(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Backend entries. All share one contract: zero-initialised output buffers, accumulated into.
+# Backend forwards. All share one contract: zero-initialised output buffers, accumulated into. Device checks
+# are the backends' own (vlmfast._dispatch); the checks here are the kernels' limits.
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_torch(**inputs) -> list[str]:
-    return []
-
-
 def _check_cpp(logits: torch.Tensor, n_bins: int, **_) -> list[str]:
-    reasons = []
-    if logits.device.type != "cpu":
-        reasons.append(f"needs CPU tensors, got {logits.device}")
-    if logits.dtype not in FLOAT_DTYPES:
-        reasons.append(f"dtype {logits.dtype} unsupported")
-    return reasons
+    return [] if logits.dtype in FLOAT_DTYPES else [f"dtype {logits.dtype} unsupported"]
 
 
 def _check_cuda(logits: torch.Tensor, n_bins: int, **_) -> list[str]:
     reasons = []
-    if logits.device.type != "cuda":
-        reasons.append(f"needs CUDA tensors, got {logits.device}")
     if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         reasons.append(f"dtype {logits.dtype} unsupported (float32, float16, bfloat16)")
     if n_bins > 4096:
@@ -244,11 +259,6 @@ def _check_cuda(logits: torch.Tensor, n_bins: int, **_) -> list[str]:
 
 def _check_triton(logits: torch.Tensor, n_bins: int, **_) -> list[str]:
     reasons = []
-    if logits.device.type == "cpu":
-        if not _dispatch.triton_interpreting():
-            reasons.append("needs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)")
-    elif logits.device.type != "cuda":
-        reasons.append(f"needs CUDA tensors, got {logits.device}")
     if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         reasons.append(f"dtype {logits.dtype} unsupported (float32, float16, bfloat16)")
     if n_bins > 1024:
@@ -256,7 +266,7 @@ def _check_triton(logits: torch.Tensor, n_bins: int, **_) -> list[str]:
     return reasons
 
 
-@_dispatch.register(OP, "torch", _check_torch)
+@_dispatch.register(OP, "torch")
 def _calibration_bins_torch(logits, labels, n_bins, outs):
     _run_torch(logits, labels, n_bins, outs)
 
@@ -289,55 +299,60 @@ def _calibration_bins_triton(logits, labels, n_bins, outs):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Equal-mass bins (ACE) over the per-sample confidences: a follow-up on (M, N) values, not on the logits
+# torch.library op: torch.ops.vlmfast.calibration_bins (dispatches inside; fake implementation for compile)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def equal_mass_ids(N: int, n_bins: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Group id of each position of a sorted length-``N`` vector cut into ``n_bins`` contiguous groups whose sizes
-    differ by at most one, the first ``N mod n_bins`` larger (``torch.tensor_split`` semantics)."""
-    q, r = divmod(N, n_bins)
-    pos = torch.arange(N, device=device)
-    big = r * (q + 1)
-    return torch.where(pos < big, pos // (q + 1), r + (pos - big) // max(q, 1))
+def _buffer_sizes(M: int, n_bins: int) -> tuple[int, int]:
+    nb1 = n_bins + 1
+    return 2 * M * nb1 + M, M * nb1 + 2 * M  # int64: count, correct, invalid; float64: conf sums, nll/brier
 
 
-def group_sums(key: torch.Tensor, correct: torch.Tensor, conf: torch.Tensor, size: int):
-    """Per group (``key`` along the last dim, values in ``[0, size)``): the count, the number correct and the sum
-    of confidences, as ``(..., size)`` int64, int64 and float64 tensors."""
-    shape = (*key.shape[:-1], size)
-    count = torch.zeros(shape, dtype=torch.int64, device=key.device).scatter_add_(-1, key, torch.ones_like(key))
-    n_correct = torch.zeros_like(count).scatter_add_(-1, key, correct.long())
-    conf_sum = torch.zeros(shape, dtype=torch.float64, device=key.device).scatter_add_(-1, key, conf.double())
-    return count, n_correct, conf_sum
+def _carve(ints: Tensor, flts: Tensor, M: int, n_bins: int) -> dict[str, Tensor]:
+    """The named views of the two output buffers (the layout the backends accumulate into)."""
+    nb1 = n_bins + 1
+    return {
+        "bin_count": ints[: M * nb1].view(M, nb1),
+        "bin_correct": ints[M * nb1 : 2 * M * nb1].view(M, nb1),
+        "nonfinite": ints[2 * M * nb1 :],  # rows left out: NaN/inf logits or a label outside [0, C)
+        "bin_conf": flts[: M * nb1].view(M, nb1),
+        "sums": flts[M * nb1 :].view(M, 2),
+    }
 
 
-def equal_mass_sums_ref(conf: torch.Tensor, correct: torch.Tensor, n_bins: int):
-    """Equal-mass bins: each model's confidences sorted (stable: ties keep sample order) and cut into ``n_bins``
-    groups by :func:`equal_mass_ids`. Returns ``(count, n_correct, conf_sum)``, each ``(M, n_bins)``."""
-    M, N = conf.shape
-    sorted_conf, order = torch.sort(conf, dim=1, stable=True)
-    bid = equal_mass_ids(N, n_bins, conf.device).unsqueeze(0).expand(M, N)
-    return group_sums(bid, correct.gather(1, order), sorted_conf, n_bins)
+@torch.library.custom_op("vlmfast::calibration_bins", mutates_args=())
+def _calibration_bins_op(
+    logits: Tensor, labels: Tensor, n_bins: int, return_samples: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(ints, flts, sample_conf, sample_correct)`` for validated ``(M, N, C)`` logits and ``(M, N)`` labels.
+
+    ``ints`` (int64) and ``flts`` (float64) hold the bins and sums in the layout of :func:`_carve`; the samples are
+    ``(M, N)`` (``(M, 0)`` when not requested). ``backend`` is a backend name, or ``""`` for the dispatcher's
+    choice (and ``VLMFAST_BACKEND``)."""
+    M, N, _ = logits.shape
+    impl = _dispatch.select(OP, backend or None, logits=logits, n_bins=n_bins)
+    n_int, n_flt = _buffer_sizes(M, n_bins)
+    ints = torch.zeros(n_int, dtype=torch.int64, device=logits.device)
+    flts = torch.zeros(n_flt, dtype=torch.float64, device=logits.device)
+    outs: dict[str, Any] = _carve(ints, flts, M, n_bins)
+    conf_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    n_s = N if return_samples else 0
+    sample_conf = torch.zeros(M, n_s, dtype=conf_dtype, device=logits.device)
+    sample_correct = torch.zeros(M, n_s, dtype=torch.bool, device=logits.device)
+    outs["sample_conf"] = sample_conf if return_samples else None
+    outs["sample_correct"] = sample_correct if return_samples else None
+    impl.forward(logits, labels, n_bins, outs)
+    return ints, flts, sample_conf, sample_correct
 
 
-def equal_mass_sums(conf: torch.Tensor, correct: torch.Tensor, n_bins: int, *, backend: str | None = None):
-    """:func:`equal_mass_sums_ref` with a stable radix sort in the extension for CPU tensors (the sort dominates
-    ACE; a few times faster than ``torch.sort``). CUDA tensors use ``torch.sort`` (a device segmented sort).
-    ``backend="torch"`` keeps the reference path; any other value (the backend forced for the logits pass)
-    does not apply to this step."""
-    C = get_C()
-    if backend == "torch" or conf.device.type != "cpu" or C is None:
-        return equal_mass_sums_ref(conf, correct, n_bins)
-    M, _ = conf.shape
-    conf = conf.contiguous()
-    correct = correct.contiguous()
-    count = torch.zeros(M, n_bins, dtype=torch.int64)
-    n_correct = torch.zeros(M, n_bins, dtype=torch.int64)
-    conf_sum = torch.zeros(M, n_bins, dtype=torch.float64)
-    C.equal_mass_bins_cpu(tensor_view(conf), tensor_view(correct), n_bins, tensor_view(count), tensor_view(n_correct),
-                          tensor_view(conf_sum), torch.get_num_threads())
-    return count, n_correct, conf_sum
+@_calibration_bins_op.register_fake
+def _calibration_bins_fake(logits, labels, n_bins, return_samples, backend):
+    M, N, _ = logits.shape
+    n_int, n_flt = _buffer_sizes(M, n_bins)
+    conf_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    n_s = N if return_samples else 0
+    return (logits.new_empty(n_int, dtype=torch.int64), logits.new_empty(n_flt, dtype=torch.float64),
+            logits.new_empty(M, n_s, dtype=conf_dtype), logits.new_empty(M, n_s, dtype=torch.bool))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -345,40 +360,28 @@ def equal_mass_sums(conf: torch.Tensor, correct: torch.Tensor, n_bins: int, *, b
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _empty_outputs(
-    M: int, N: int, n_bins: int, device: torch.device, return_samples: bool, conf_dtype: torch.dtype = torch.float32
-) -> dict:
-    # Two allocations (integers, floats) carved into the contiguous views the backends accumulate into.
-    nb1 = n_bins + 1
-    ints = torch.zeros(2 * M * nb1 + M, dtype=torch.int64, device=device)
-    flts = torch.zeros(M * nb1 + 2 * M, dtype=torch.float64, device=device)
-    outs = {
-        "bin_count": ints[: M * nb1].view(M, nb1),
-        "bin_correct": ints[M * nb1 : 2 * M * nb1].view(M, nb1),
-        "nonfinite": ints[2 * M * nb1 :],
-        "bin_conf": flts[: M * nb1].view(M, nb1),
-        "sums": flts[M * nb1 :].view(M, 2),
-        "sample_conf": None,
-        "sample_correct": None,
-    }
-    if return_samples:
-        outs["sample_conf"] = torch.zeros(M, N, dtype=conf_dtype, device=device)
-        outs["sample_correct"] = torch.zeros(M, N, dtype=torch.bool, device=device)
-    return outs
-
-
 def run_calibration_bins(
-    logits: torch.Tensor, labels: torch.Tensor, n_bins: int, return_samples: bool, backend: str | None, squeezed: bool
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    n_bins: int,
+    return_samples: bool,
+    backend: str | None,
+    squeezed: bool,
+    validate_args: bool = True,
 ) -> CalibrationBins:
-    """Run on already validated ``(M, N, C)`` logits and ``(M, N)`` labels (see :func:`check_inputs`)."""
+    """Run on ``(M, N, C)`` logits and ``(M, N)`` labels normalised by :func:`check_inputs`.
+
+    Outside ``torch.compile`` the backend is chosen here (a forced one that cannot run raises before any work);
+    inside, the op chooses at run time. With ``validate_args`` one host sync checks that no row was left out."""
     M, N, _ = logits.shape
-    impl = _dispatch.select(OP, backend, logits=logits, n_bins=n_bins)
-    conf_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    outs = _empty_outputs(M, N, n_bins, logits.device, return_samples, conf_dtype)
-    impl.fn(logits, labels, n_bins, outs)
-    nonfinite = outs["nonfinite"]
-    if bool((nonfinite > 0).any()):
-        _raise_nonfinite(logits, nonfinite, squeezed)
+    compiling = torch.compiler.is_compiling()
+    name = (backend or "") if compiling else _dispatch.choose(OP, backend, logits=logits, n_bins=n_bins)
+    ints, flts, sample_conf, sample_correct = torch.ops.vlmfast.calibration_bins(
+        logits, labels, n_bins, return_samples, name)
+    outs = _carve(ints, flts, M, n_bins)
+    invalid = outs["nonfinite"]
+    if validate_args and not compiling and bool(invalid.any()):
+        raise_invalid(logits, labels, invalid, squeezed)
     # Fold slot n_bins (conf == 1.0 exactly) into the last bin; keep it apart as well (views of fresh buffers).
     counts = torch.stack((outs["bin_count"], outs["bin_correct"]))  # (2, M, n_bins + 1)
     folded = counts[..., :n_bins].clone()
@@ -395,9 +398,10 @@ def run_calibration_bins(
         saturated_correct=counts[1, :, n_bins],
         nll_sum=outs["sums"][:, 0],
         brier_sum=outs["sums"][:, 1],
-        confidence=outs["sample_conf"],
-        correct=outs["sample_correct"],
-        backend=impl.backend,
+        confidence=sample_conf if return_samples else None,
+        correct=sample_correct if return_samples else None,
+        backend=name or "auto",
+        n_invalid=invalid,
     )
 
 
@@ -408,6 +412,7 @@ def calibration_bins(
     *,
     return_samples: bool = False,
     backend: str | None = None,
+    validate_args: bool = True,
 ) -> CalibrationBins:
     """Calibration sufficient statistics for ``(M, N, C)`` or ``(N, C)`` logits in one pass (see module docs).
 
@@ -418,6 +423,8 @@ def calibration_bins(
         return_samples: also return per-sample ``confidence`` (float32) and ``correct`` (bool), ``(M, N)``.
         backend: force ``"triton"``, ``"cuda"``, ``"cpp"`` or ``"torch"`` (default: the first that can run;
             the environment variable ``VLMFAST_BACKEND`` does the same).
+        validate_args: raise for NaN/inf logits and labels outside ``[0, C)`` (one host sync after the pass).
+            ``False``: no sync; such rows are left out and counted in ``n_invalid`` (as inside ``torch.compile``).
 
     Returns:
         :class:`CalibrationBins`, always with a model dimension (M = 1 for 2-D logits).
@@ -431,5 +438,4 @@ def calibration_bins(
     logits, labels, n_bins, squeezed = check_inputs(logits, labels, n_bins)
     if not isinstance(return_samples, bool):
         raise TypeError(f"return_samples: expected a bool, got {type(return_samples).__name__}")
-    return run_calibration_bins(logits, labels, n_bins, return_samples, backend, squeezed)
-
+    return run_calibration_bins(logits, labels, n_bins, return_samples, backend, squeezed, bool(validate_args))
