@@ -124,11 +124,11 @@ def _bwd_ref(grad, x, scale, norm):
     return dx, dscale
 
 
+_LIBRARY_OPS: list = []  # torch.library ops live for the process: defined once
+
+
 def _setup_test_op():
-    if TEST_OP in _dispatch.list_ops():
-        return
-    if "plugged" not in _dispatch.list_backends():
-        _dispatch.register_backend(_dispatch.Backend("plugged", "a backend registered by the test", ("cpu",), 25))
+    _dispatch.register_backend(_dispatch.Backend("plugged", "a backend registered by the test", ("cpu",), 25))
     _dispatch.define_op(TEST_OP, device_arg="x", differentiable=True)
 
     def fwd_torch(x, scale):
@@ -151,6 +151,9 @@ def _setup_test_op():
     _dispatch.register(TEST_OP, "torch", backward=bwd_torch)(fwd_torch)
     _dispatch.register(TEST_OP, "plugged", lambda x, **_: [] if x.dim() == 2 else ["needs 2-D x"],
                        backward=bwd_plugged)(fwd_plugged)
+    if _LIBRARY_OPS:
+        return
+    _LIBRARY_OPS.append(True)
 
     @torch.library.custom_op("vlmfast_test::scaled_normalize", mutates_args=())
     def op(x: Tensor, scale: Tensor, backend: str) -> tuple[Tensor, Tensor]:
@@ -192,6 +195,8 @@ def test_op():
     _setup_test_op()
     CALLS.clear()
     yield
+    _dispatch.unregister_backend("plugged")  # leave the registries as other tests expect them
+    _dispatch._OPS.pop(TEST_OP, None)
 
 
 @pytest.mark.parametrize("backend", ["torch", "plugged"])
