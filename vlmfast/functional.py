@@ -1,5 +1,7 @@
-"""Stable functional entry points of the ops (each dispatches to the fastest backend that can run its inputs)."""
+"""Stable functional entry points of the ops (each dispatches to the fastest backend that can run its inputs;
+``backend=`` forces one). Each is also a ``torch.library`` op, ``torch.ops.vlmfast.<op>``."""
 
 from vlmfast.ops.calibration_bins import CalibrationBins, calibration_bins, calibration_bins_ref
+from vlmfast.ops.equal_mass_bins import equal_mass_bins, equal_mass_bins_ref
 
-__all__ = ["CalibrationBins", "calibration_bins", "calibration_bins_ref"]
+__all__ = ["CalibrationBins", "calibration_bins", "calibration_bins_ref", "equal_mass_bins", "equal_mass_bins_ref"]
