@@ -6,10 +6,12 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 
-# Runtime stack (pinned where the environment requires it) and test-only tools.
-STACK := torch==2.14.1 torchvision==0.29.1 numpy open_clip_torch timm faiss-cpu pybind11 "cmake>=3.18" ninja \
-         matplotlib safetensors pillow mlxtend scikit-learn
-TEST_DEPS := pytest pytest-xdist hypothesis torchmetrics netcal scipy
+# The pinned torch pair (from the local wheel cache when there is one) and the tools of the in-place build
+# (--no-build-isolation); everything else comes from pyproject.toml: the core dependencies and the extras
+# [all] (plot, data, faiss, distributed) + [test].
+PINS := torch==2.14.1 torchvision==0.29.1
+STACK := $(PINS) numpy pybind11 "cmake>=3.18" ninja "setuptools>=77" wheel
+EXTRAS ?= all,test
 
 export HF_HUB_OFFLINE := 1
 
@@ -19,11 +21,11 @@ CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*.in csrc/cuda/*.cu csrc/cuda/*.cuh)
 
 $(VENV)/.stack:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q $(STACK) $(TEST_DEPS)
+	$(PIP) install -q $(STACK)
 	touch $@
 
 $(VENV)/.built: $(VENV)/.stack setup.py CMakeLists.txt pyproject.toml $(CSRC)
-	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PIP) install -q --no-build-isolation -e ".[$(EXTRAS)]" $(PINS)
 	touch $@
 
 install: $(VENV)/.built

@@ -56,9 +56,13 @@ def test_kernels_package_is_vlmfast_kernels():
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git to list the tracked files")
 def test_pure_python_wheel_with_skip_cpp(tmp_path):
     """VLMFAST_SKIP_CPP=1 builds a wheel without the compiled module that still ships vlmfast.kernels."""
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    # the working tree's files: tracked ones still present, and new ones git does not ignore
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
     src = tmp_path / "src"
     for f in files:
+        if not (ROOT / f).is_file():
+            continue
         (src / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, src / f)
     env = dict(os.environ, VLMFAST_SKIP_CPP="1")
@@ -72,5 +76,43 @@ def test_pure_python_wheel_with_skip_cpp(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "vlmfast/kernels/__init__.py" in names and "vlmfast/kernels/calibration_bins.py" in names
     assert "vlmfast/ops/calibration_bins.py" in names
+    assert "vlmfast/cli/__init__.py" in names and "vlmfast/cli/demo.py" in names  # the app layer ships
+    assert "vlmfast/_optional.py" in names
     assert not [n for n in names if n.endswith(".so")]
     assert not [n for n in names if n.startswith("kernels/")]  # no top-level "kernels" package
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize("target, runs", [("demo", "-m vlmfast demo"), ("test", "-m pytest")])
+def test_make_targets_install_the_pinned_stack_and_every_extra(tmp_path, target, runs):
+    """`make demo` and `make test` (dry run, into a venv that does not exist) create the venv, install the pinned
+    torch pair, then the package with [all] and [test] in place, then run."""
+    venv = tmp_path / "venv"
+    out = subprocess.run(["make", "-n", "-B", target, f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert f"-m venv {venv}" in lines[0]
+    stack = next(ln for ln in lines if "pip install" in ln and "-e " not in ln)
+    assert "torch==2.14.1" in stack and "torchvision==0.29.1" in stack
+    (editable,) = [ln for ln in lines if "pip install" in ln and "-e " in ln]
+    assert '-e ".[all,test]"' in editable and "--no-build-isolation" in editable
+    assert "torch==2.14.1" in editable  # the resolver keeps the pins while it adds the extras
+    assert runs in lines[-1]
+    assert lines.index(stack) < lines.index(editable) < len(lines) - 1
+
+
+def test_ci_runs_make_test():
+    script = (ROOT / ".ci" / "run").read_text()
+    assert any(line.strip() == "make test" for line in script.splitlines())
+    assert os.access(ROOT / ".ci" / "run", os.X_OK)
+
+
+def test_console_script_is_the_app_layer():
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="console_scripts") if e.name == "vlmfast"]
+    assert ep.value == "vlmfast.cli:main"
+    from vlmfast.cli import main
+
+    assert ep.load() is main

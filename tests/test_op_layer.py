@@ -283,6 +283,18 @@ def test_every_step_honours_the_forced_backend_or_says_why():
     torch.testing.assert_close(r.ace, ref.ace, atol=1e-6, rtol=0)
 
 
+def test_forcing_through_the_environment_reaches_every_step(monkeypatch):
+    import vlmfast
+
+    logits, labels = _inputs(M=2, N=200, C=4)
+    monkeypatch.setenv("VLMFAST_BACKEND", "triton")
+    r = vlmfast.calibration(logits, labels, 10, binning="mass")
+    assert r.backends == {"calibration_bins": "triton", "equal_mass_bins": "cpp"} and len(r.notes) == 1
+    monkeypatch.setenv("VLMFAST_BACKEND", "torch")
+    r = vlmfast.calibration(logits, labels, 10)
+    assert r.backends == {"calibration_bins": "torch", "equal_mass_bins": "torch"} and r.notes == ()
+
+
 @pytest.mark.slow
 def test_calibration_bins_compiles_with_inductor():
     """The default compiler (codegen included, ~25 s on 2 cores): same numbers as eager."""

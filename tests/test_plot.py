@@ -44,3 +44,10 @@ def test_max_models_and_errors(tmp_path):
         reliability_diagram({"ece": 1}, tmp_path / "x.png")
     with pytest.raises(ValueError, match="max_models"):
         reliability_diagram(res, tmp_path / "x.png", max_models=0)
+    with pytest.raises(ValueError, match="ncols: expected a positive int or None, got -1"):
+        reliability_diagram(res, tmp_path / "x.png", ncols=-1)
+    with pytest.raises(ValueError, match="dpi"):
+        reliability_diagram(res, tmp_path / "x.png", dpi=0)
+    with pytest.raises(TypeError, match="path: expected a str or os.PathLike, got int"):
+        reliability_diagram(res, 3)
+    assert not (tmp_path / "x.png").exists()

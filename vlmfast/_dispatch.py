@@ -417,10 +417,10 @@ def select_step(op: str, backend: str | None = None, **inputs: Any) -> tuple[OpI
     reports the note in its result). Without a forced backend the note is None."""
     forced = forced_backend(backend)
     if forced is None:
-        return select(op, None, **inputs), None
+        return select(op, "auto", **inputs), None
     definition = get_op(op)
     reasons = _reasons(definition, forced, inputs, True)
     if not reasons:
         return definition.impls[forced], None
-    impl = select(op, None, **inputs)
+    impl = select(op, "auto", **inputs)  # "auto": the default order, whatever VLMFAST_BACKEND says
     return impl, f"forced backend {forced!r} not used for {op} ({'; '.join(reasons)}); ran {impl.backend!r}"

@@ -1,13 +1,15 @@
-"""``python -m vlmfast.info`` (or ``vlmfast info``): what this installation can run, and why not the rest.
+"""What this installation can run, and why not the rest: ``python -m vlmfast.info`` (or ``vlmfast info``).
 
-Prints the version, the versions of the libraries vlmfast uses, the GPU, the compiled module's build facts, every
-backend with its availability and reasons, and for each op which backend a CPU and a CUDA call would get.
+:func:`info_dict` collects the version, the versions of the libraries vlmfast uses, the GPU, the compiled
+module's build facts, the forced backend (``VLMFAST_BACKEND`` or ``backend=``), every backend with its
+availability and reasons, and for each op the backend a CPU (and, where visible, a CUDA) call would get — the
+forced one when it can run them, else the error that call would raise. :func:`format_info` renders it as text.
+Both are library functions; the command line lives in :mod:`vlmfast.cli` (this module never imports it).
 """
 
 from __future__ import annotations
 
-import importlib
-import json
+import importlib.metadata
 import os
 import platform
 import sys
@@ -17,29 +19,57 @@ import torch
 
 from vlmfast import _dispatch
 from vlmfast._C_loader import C_error, cuda_runtime, get_C
+from vlmfast._dispatch import BackendError
+from vlmfast._optional import EXTRAS
 from vlmfast._version import __version__
 
-_LIBS = ("torch", "triton", "numpy", "open_clip", "faiss", "torchmetrics", "matplotlib", "safetensors", "ray")
+#: import name -> the distributions that provide it (the first installed one is reported)
+_LIBS: dict[str, tuple[str, ...]] = {
+    "torch": ("torch",),
+    "triton": ("triton",),
+    "numpy": ("numpy",),
+    "open_clip": ("open_clip_torch",),
+    "safetensors": ("safetensors",),
+    "matplotlib": ("matplotlib",),
+    "sklearn": ("scikit-learn",),
+    "mlxtend": ("mlxtend",),
+    "timm": ("timm",),
+    "faiss": ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu", "faiss"),
+    "ray": ("ray",),
+    "torchmetrics": ("torchmetrics",),
+}
 
 
 def _version_of(name: str) -> str:
+    """The installed version, read from the package metadata (nothing is imported: ray alone takes seconds)."""
+    for dist in _LIBS.get(name, (name,)):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    extra = EXTRAS.get(name)
+    return "not installed" + (f" (extra [{extra[1]}])" if extra else "")
+
+
+def _forced(backend: str | None) -> dict[str, Any]:
+    """The forced backend: ``name`` (None: the fastest that can run), ``source`` and, for an invalid name, ``error``."""
+    source = "backend" if backend is not None else ("VLMFAST_BACKEND" if os.environ.get("VLMFAST_BACKEND") else None)
+    value = backend if backend is not None else os.environ.get("VLMFAST_BACKEND")
     try:
-        mod = importlib.import_module(name)
-    except Exception as exc:  # not installed, or broken
-        return f"not available ({type(exc).__name__})"
-    return str(getattr(mod, "__version__", "installed"))
+        name = _dispatch.forced_backend(backend)
+    except (ValueError, TypeError) as exc:
+        return {"name": None, "value": value, "source": source, "error": str(exc)}
+    return {"name": name, "value": value, "source": source if name is not None else None, "error": None}
 
 
-def _probe_inputs(device: str) -> dict[str, dict[str, Any]]:
-    """Small inputs per op, to show which backend a call on ``device`` would get."""
-    return {"calibration_bins": {"logits": torch.empty(1, 1, 2, device=device), "n_bins": 15}}
-
-
-def info_dict() -> dict[str, Any]:
+def info_dict(backend: str | None = None) -> dict[str, Any]:
+    """Everything :func:`format_info` prints, as plain values. ``backend`` forces a backend as a call's
+    ``backend=`` would (default: ``VLMFAST_BACKEND``); an invalid one is reported in ``forced_backend.error``."""
     C = get_C()
     gpu = None
     if torch.cuda.is_available():
         gpu = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    forced = _forced(backend)
     d: dict[str, Any] = {
         "vlmfast": __version__,
         "python": sys.version.split()[0],
@@ -55,27 +85,46 @@ def info_dict() -> dict[str, Any]:
             "build_info": C.build_info() if C is not None else None,
             "cuda_runtime": dict(zip(("device_count", "error"), cuda_runtime())),
         },
+        "forced_backend": forced,
         "backends": {},
         "ops": {},
     }
-    for name in _dispatch.BACKENDS:
+    for name in _dispatch.list_backends():
+        b = _dispatch.get_backend(name)
         reasons = _dispatch.backend_reasons(name)
         d["backends"][name] = {
-            "description": _dispatch.BACKEND_DESCRIPTIONS[name],
+            "description": b.description,
+            "devices": list(b.devices),
             "available": not reasons,
             "reasons": reasons,
         }
-    # import the ops so that they register
-    import vlmfast.ops.calibration_bins  # noqa: F401
-
+    _dispatch.load_ops()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for op in _dispatch.list_ops():
         d["ops"][op] = {}
         for dev in devices:
-            inputs = _probe_inputs(dev).get(op, {})
-            reasons = _dispatch.explain(op, **inputs)
-            chosen = next((b for b in _dispatch.BACKENDS if not reasons[b]), None)
-            d["ops"][op][dev] = {"default": chosen, "reasons": reasons}
+            inputs = _dispatch.probe_inputs(op, dev)
+            name, step = forced["name"], None
+            if forced["error"] is not None:
+                chosen, error = None, forced["error"]
+                reasons = _dispatch.explain(op, "auto", **inputs)
+            else:
+                reasons = _dispatch.explain(op, name or "auto", **inputs)
+                try:
+                    chosen, error = _dispatch.choose(op, name or "auto", **inputs), None
+                except BackendError as exc:
+                    chosen = None
+                    own = reasons.get(name) if name is not None else None
+                    error = (f"the forced backend {name!r} cannot run these inputs: {'; '.join(own)}" if own
+                             else str(exc).splitlines()[0])
+                    if name is not None and name not in _dispatch.implementations(op):
+                        # an op the forced backend lacks: as a step inside another op the default runs, with a note
+                        try:
+                            step = _dispatch.choose(op, "auto", **inputs)
+                        except BackendError:
+                            step = None
+            d["ops"][op][dev] = {"backend": chosen, "forced": name, "error": error, "as_step": step,
+                                 "reasons": reasons}
     return d
 
 
@@ -103,6 +152,13 @@ def format_info(d: dict[str, Any]) -> str:
     else:
         lines.append(f"compiled module vlmfast._C: NOT LOADED — {cm['error']}")
     lines.append("")
+    fb = d["forced_backend"]
+    if fb["error"] is not None:
+        lines.append(f"forced backend: INVALID {fb['source']}={fb['value']!r} — every call fails: {fb['error']}")
+    elif fb["name"] is not None:
+        lines.append(f"forced backend: {fb['name']} (from {fb['source']}); calls run on it or fail, never fall back")
+    else:
+        lines.append("forced backend: none (each call gets the first backend that can run it)")
     lines.append("backends (default order):")
     for name, b in d["backends"].items():
         state = "available" if b["available"] else "unavailable: " + "; ".join(b["reasons"])
@@ -112,22 +168,25 @@ def format_info(d: dict[str, Any]) -> str:
     lines.append("ops (backend a call would get, and why not the others):")
     for op, per_dev in d["ops"].items():
         for dev, r in per_dev.items():
-            lines.append(f"  {op} on {dev} tensors -> {r['default']}")
+            if r["backend"] is None:
+                target = f"CANNOT RUN: {r['error']}"
+                if r.get("as_step"):
+                    target += f" (as a step inside another op it runs on {r['as_step']}, with a note in the result)"
+            elif r["forced"] is not None:
+                target = f"{r['backend']} (forced)"
+            else:
+                target = r["backend"]
+            lines.append(f"  {op} on {dev} tensors -> {target}")
             for name, reasons in r["reasons"].items():
                 if reasons:
                     lines.append(f"      {name}: {'; '.join(reasons)}")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    d = info_dict()
-    if "--json" in argv:
-        print(json.dumps(d, indent=2, default=str))
-    else:
-        print(format_info(d))
-    return 0
+__all__ = ["format_info", "info_dict"]
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # python -m vlmfast.info [--json] [--backend B]: the same as `vlmfast info`
+    from vlmfast.cli import main
+
+    raise SystemExit(main(["info", *sys.argv[1:]]))

@@ -1,4 +1,7 @@
-"""Plots. Uses matplotlib's object API with the Agg canvas (no pyplot state, no display needed)."""
+"""Plots. Uses matplotlib's object API with the Agg canvas (no pyplot state, no display needed).
+
+matplotlib is the ``[plot]`` extra (``pip install 'vlmfast[plot]'``); it is imported on the first plot, not with
+this module, and its absence raises an ImportError saying so."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from vlmfast._optional import require
 from vlmfast.metrics.calibration_error import CalibrationResult
 
 
@@ -42,9 +46,6 @@ def reliability_diagram(
     Returns:
         The path written.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if not isinstance(result, CalibrationResult):
         raise TypeError(f"result: expected a CalibrationResult, got {type(result).__name__}")
     M = result.n_models
@@ -53,6 +54,14 @@ def reliability_diagram(
         raise ValueError(f"model_names: expected {M} names, got {len(names)}")
     if isinstance(max_models, bool) or not isinstance(max_models, int) or max_models < 1:
         raise ValueError(f"max_models: expected a positive int, got {max_models!r}")
+    if ncols is not None and (isinstance(ncols, bool) or not isinstance(ncols, int) or ncols < 1):
+        raise ValueError(f"ncols: expected a positive int or None, got {ncols!r}")
+    if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or not 0 < dpi <= 1200:
+        raise ValueError(f"dpi: expected a number in (0, 1200], got {dpi!r}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "vlmfast.plot").FigureCanvasAgg
+    Figure = require("matplotlib.figure", "vlmfast.plot").Figure
     shown = min(M, max_models)
     ncols = ncols or min(4, shown)
     nrows = math.ceil(shown / ncols)

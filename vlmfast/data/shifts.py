@@ -2,8 +2,8 @@
 
 * :func:`sklearn_digits` — a *source* shift: scikit-learn's 1,797 real 8×8 digit scans (grey levels 0..16)
   in place of MNIST, framed like MNIST (upsampled bilinearly to 20×20, grey levels scaled to 0..255, centred in a
-  28×28 cell, i.e. a 4-pixel black border) and composited exactly like the ``test`` split (square on exactly
-  half of each class, independent of the class; same ground-truth fields).
+  28×28 cell, i.e. a 4-pixel black border) and composited exactly like the ``test`` split (square on half of
+  each class, independent of the class; same ground-truth fields).
 * :func:`corrupt` / :func:`corrupted_test` — *pixel* shifts in the style of ImageNet-C: five kinds, severities 1..5
   of monotonically increasing strength.
 
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlmfast.data._dataset import SpuriousMNIST, check_int, check_seed, rng_for
+from vlmfast.data._dataset import SpuriousMNIST, check_has_data, check_int, check_seed, rng_for
 from vlmfast.data.mnist import CELL, balanced_independent, render, spurious_mnist
 
 CORRUPTIONS = ("noise", "blur", "contrast", "invert", "occlusion")
@@ -56,11 +56,9 @@ SKLEARN_DIGIT_SIZE = 20
 @functools.lru_cache(maxsize=1)
 def _sklearn_source() -> tuple[np.ndarray, np.ndarray]:
     """The 1,797 sklearn digits framed like MNIST: ``(1797, 28, 28)`` uint8 and labels ``(1797,)`` int64."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:  # pragma: no cover - environment problem
-        raise ImportError("sklearn_digits needs scikit-learn (pip install scikit-learn)") from exc
-    d = load_digits()
+    from vlmfast._optional import require
+
+    d = require("sklearn.datasets", "vlmfast.data.sklearn_digits").load_digits()
     x = torch.from_numpy(np.asarray(d.images, dtype=np.float32) * (255.0 / 16.0))[:, None]
     up = F.interpolate(x, size=(SKLEARN_DIGIT_SIZE, SKLEARN_DIGIT_SIZE), mode="bilinear", align_corners=False)
     up = up[:, 0].round().clamp(0, 255).to(torch.uint8).numpy()
@@ -79,7 +77,8 @@ def sklearn_digits(n: int | None = None, seed: int = 0, *, spurious_class: int =
             as possible (reused when ``n`` exceeds a class's ~180 digits).
         seed: non-negative int; sets the order, digits, layout, square flags and captions.
         spurious_class: recorded in the result (the class the square is audited against); the square itself
-            is independent of the class: exactly half of each class carries it (odd counts: a random side).
+            is independent of the class: half of each class carries it (odd counts: with ``n`` given, rounded as in
+            the ``test`` split, so V = 0 whenever the counts allow; with ``n=None`` a random side).
 
     Built in memory (about 0.1 s for all 1,797); ``source_ids`` index ``sklearn.datasets.load_digits()``.
     """
@@ -125,6 +124,7 @@ def _half_per_class(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def _check_images(images: Any) -> torch.Tensor:
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images: expected a torch.Tensor, got {type(images).__name__}")
+    check_has_data("images", images)
     if images.dtype != torch.uint8:
         raise TypeError(f"images: expected dtype torch.uint8, got {images.dtype}")
     if images.dim() != 4:

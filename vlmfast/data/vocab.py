@@ -11,7 +11,6 @@ order within a line), so the list is deterministic. Case is kept as in the file 
 from __future__ import annotations
 
 import functools
-import importlib.util
 from pathlib import Path
 
 LEMMA_FILE = "imagenet_synset_to_lemma.txt"
@@ -19,18 +18,16 @@ LEMMA_FILE = "imagenet_synset_to_lemma.txt"
 
 def _lemma_path() -> Path:
     # Located through the import system without importing timm (whose import pulls in torchvision).
-    spec = importlib.util.find_spec("timm")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "noun_vocabulary needs timm (pip install timm): the vocabulary is the ImageNet-21k lemma list "
-            f"that timm ships as timm/data/_info/{LEMMA_FILE}"
-        )
-    for base in spec.submodule_search_locations:
+    from vlmfast._optional import locate
+
+    folders = locate("timm", f"vlmfast.data.noun_vocabulary (the ImageNet-21k lemmas timm ships as "
+                             f"timm/data/_info/{LEMMA_FILE})")
+    for base in folders:
         path = Path(base) / "data" / "_info" / LEMMA_FILE
         if path.is_file():
             return path
     raise FileNotFoundError(
-        f"noun_vocabulary: the installed timm ({list(spec.submodule_search_locations)}) has no data/_info/{LEMMA_FILE}"
+        f"noun_vocabulary: the installed timm ({folders}) has no data/_info/{LEMMA_FILE}"
     )
 
 

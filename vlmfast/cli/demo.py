@@ -1,4 +1,4 @@
-"""``make demo`` / ``vlmfast demo``: the calibration audit of a small fleet under distribution shift, offline.
+"""``vlmfast demo`` (``make demo``): the calibration audit of a small fleet under distribution shift, offline.
 
 1. Pretrain two tiny CLIPs on unbiased spurious-MNIST composites (:func:`vlmfast.models.pretrain_base`: the
    ``default`` preset, ~3 minutes on 2 CPU cores, and the cheaper ``test`` preset, ~30 s; both cached, so later
@@ -14,11 +14,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from vlmfast.cli._common import write_json
 
 
 def _log(msg: str) -> None:
@@ -32,7 +34,7 @@ def build_fleet(presets=("default", "test"), scales=(0.5, 1.0, 2.0), device=None
     bases, cards = [], {}
     for preset in presets:
         t0 = time.perf_counter()
-        model, card = pretrain_base(preset=preset, device=device)
+        model, card = pretrain_base(preset=preset, device=device)  # its progress: a bar on a terminal, else lines
         acc = card.get("metrics", {}).get("zero_shot_test")
         _log(f"  base '{preset}': ready in {time.perf_counter() - t0:.1f} s"
              + (f" (zero-shot test accuracy at training: {100 * acc:.1f} %)" if isinstance(acc, float) else ""))
@@ -71,21 +73,35 @@ def fleet_logits(fleet, data) -> torch.Tensor:
     return torch.stack(out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("demo", help="the offline demo audit (make demo)",
+                       description="The calibration audit of a small fleet of tiny pretrained CLIPs under "
+                                   "distribution shift, offline: tables on stdout, reliability diagrams and "
+                                   "calibration.json in --out.")
+    p.add_argument("--out", default="out", help="output folder (default: out)")
+    p.add_argument("--n-test", type=int, default=2000, help="test composites per evaluation set (default 2000)")
+    p.add_argument("--presets", default="default,test", help="pretraining presets of the bases (comma-separated)")
+    p.add_argument("--backend", default=None, help="force a backend for the audit (see `vlmfast info`)")
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlmfast import _dispatch
     from vlmfast.metrics import calibration
     from vlmfast.plot import reliability_diagram
 
-    ap = argparse.ArgumentParser(prog="vlmfast demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="out", help="output folder (default: out)")
-    ap.add_argument("--n-test", type=int, default=2000, help="test composites per evaluation set")
-    ap.add_argument("--presets", default="default,test", help="pretraining presets of the bases (comma-separated)")
-    ap.add_argument("--backend", default=None, help="force a backend (triton, cuda, cpp, torch)")
-    args = ap.parse_args(argv)
+    if isinstance(args.n_test, bool) or not isinstance(args.n_test, int) or args.n_test < 1:
+        raise ValueError(f"--n-test: expected a positive integer, got {args.n_test!r}")
+    presets = tuple(p.strip() for p in args.presets.split(",") if p.strip())
+    if not presets:
+        raise ValueError(f"--presets: expected comma-separated preset names, got {args.presets!r}")
+    _dispatch.forced_backend(args.backend)  # an invalid name fails now, not after the pretraining
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     _log("Pretraining (or loading) the bases ...")
-    fleet, cards = build_fleet(tuple(p for p in args.presets.split(",") if p))
+    fleet, cards = build_fleet(presets)
     names = [name for name, _, _ in fleet]
     _log(f"Fleet: {len(fleet)} models: {', '.join(names)}\n")
 
@@ -101,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         reliability_diagram(res, out / f"reliability-{slug}.png", names, title=f"Reliability: {title}")
         summary[title] = {"models": names, **res.to_dict()}
 
-    (out / "calibration.json").write_text(json.dumps({"bases": cards, "sets": summary}, indent=1, default=str))
+    write_json(out / "calibration.json", {"bases": cards, "sets": summary})
     _log("Accuracy / ECE per evaluation set:\n")
     header = "| model | " + " | ".join(summary) + " |"
     _log(header + "\n|---|" + "---|" * len(summary))
@@ -110,7 +126,3 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"| {name} | " + " | ".join(cells) + " |")
     _log(f"\nwrote {out}/reliability-*.png and {out}/calibration.json")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
