@@ -144,6 +144,38 @@ def base_row(bench: str, config: str, device: str) -> dict:
     }
 
 
+def scaled(t: Timing, factor: float) -> Timing:
+    """A timing multiplied by ``factor`` (a peer timed on a subset of the models, extrapolated to all of them)."""
+    return Timing(t.median * factor, t.p20 * factor, t.p80 * factor, t.reps)
+
+
+def report(bench: str, config: str, device: str, timings: dict[str, Timing], *, ref: str | None, peer: str,
+           peer2: str | None = None, floor_ms: float = float("nan"), notes: dict[str, str] | None = None,
+           extra_note: str = "", record: bool = True) -> list[dict]:
+    """One row per provider (speedups vs the ``ref``, ``peer`` and ``peer2`` providers, fraction of the floor),
+    printed as a markdown table and, with ``record``, appended to the results CSV. Returns the rows."""
+    notes = notes or {}
+    ref_t, peer_t = timings.get(ref) if ref else None, timings[peer]
+    peer2_t = timings[peer2] if peer2 else None
+    rows = []
+    for provider, t in timings.items():
+        row = base_row(bench, config, device)
+        row.update(
+            provider=provider, median_ms=t.median, p20_ms=t.p20, p80_ms=t.p80,
+            speedup_vs_ref=(ref_t.median / t.median) if ref_t else float("nan"),
+            speedup_vs_peer=peer_t.median / t.median,
+            speedup_vs_peer2=(peer2_t.median / t.median) if peer2_t else float("nan"),
+            floor_ms=floor_ms, floor_fraction=floor_ms / t.median,
+            notes="; ".join(x for x in (notes.get(provider, ""), f"{t.reps} reps", extra_note) if x),
+        )
+        rows.append(row)
+    print(markdown_table(rows))
+    if record:
+        append_results(rows)
+        print(f"\nappended {len(rows)} rows to {RESULTS}")
+    return rows
+
+
 def cli(argv, doc: str, configs: dict, run_config, *, skip_by_default=("quick",), default_reps=None) -> int:
     """The shared command line of the bench scripts: ``--config`` (repeatable), ``--reps``, ``--no-record``.
     Without ``--config``: every config except ``skip_by_default`` whose device this machine has."""

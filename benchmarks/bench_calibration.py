@@ -99,30 +99,12 @@ def run_config(name: str, cfg: dict, reps: int, record: bool) -> list[dict]:
         t = _runner.time_fn(lambda: torchmetrics_way(logits, labels, range(peer_models), norms, nb), device,
                             reps=max(3, reps // 3), warmup=1)
         if peer_models != M:
-            scale = M / peer_models
-            t = _runner.Timing(t.median * scale, t.p20 * scale, t.p80 * scale, t.reps)
+            t = _runner.scaled(t, M / peer_models)
             notes[label] = f"extrapolated from {peer_models} models"
         timings[label] = t
-
-    ref = timings.get("vlmfast calibration [torch]")
-    peer = timings["torchmetrics way (l1+l2+max, NLL, Brier)"]
-    peer2 = timings["torchmetrics single ECE loop"]
-    rows = []
-    for provider, t in timings.items():
-        row = _runner.base_row("calibration", config, device)
-        row.update(
-            provider=provider, median_ms=t.median, p20_ms=t.p20, p80_ms=t.p80,
-            speedup_vs_ref=(ref.median / t.median) if ref else float("nan"),
-            speedup_vs_peer=peer.median / t.median, speedup_vs_peer2=peer2.median / t.median,
-            floor_ms=floor_ms, floor_fraction=floor_ms / t.median,
-            notes="; ".join(x for x in (notes.get(provider, ""), f"{t.reps} reps", f"bw {bw:.0f} GB/s") if x),
-        )
-        rows.append(row)
-    print(_runner.markdown_table(rows))
-    if record:
-        _runner.append_results(rows)
-        print(f"\nappended {len(rows)} rows to {_runner.RESULTS}")
-    return rows
+    return _runner.report("calibration", config, device, timings, ref="vlmfast calibration [torch]",
+                          peer="torchmetrics way (l1+l2+max, NLL, Brier)", peer2="torchmetrics single ECE loop",
+                          floor_ms=floor_ms, notes=notes, extra_note=f"bw {bw:.0f} GB/s", record=record)
 
 
 def main(argv=None) -> int:

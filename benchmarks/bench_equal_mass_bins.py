@@ -88,27 +88,12 @@ def run_config(name: str, cfg: dict, reps: int, record: bool) -> list[dict]:
         t = _runner.time_fn(lambda fn=fn: fn(conf_np, correct_np, n_bins, range(peer_models)), "cpu",
                             reps=max(3, (reps or 10) // 3), warmup=1)
         if peer_models != M:
-            scale = M / peer_models
-            t = _runner.Timing(t.median * scale, t.p20 * scale, t.p80 * scale, t.reps)
+            t = _runner.scaled(t, M / peer_models)
             notes[label] = f"extrapolated from {peer_models} models"
         timings[label] = t
-    ref = timings.get("equal_mass_bins [torch]")
-    peer = timings["DAC reference way (sklearn quantile bins)"]
-    peer2 = timings["numpy stable argsort"]
-    rows = []
-    for provider, t in timings.items():
-        row = _runner.base_row("equal_mass_bins", config, device)
-        row.update(provider=provider, median_ms=t.median, p20_ms=t.p20, p80_ms=t.p80,
-                   speedup_vs_ref=(ref.median / t.median) if ref else float("nan"),
-                   speedup_vs_peer=peer.median / t.median, speedup_vs_peer2=peer2.median / t.median,
-                   floor_ms=float("nan"), floor_fraction=float("nan"),
-                   notes="; ".join(x for x in (notes.get(provider, ""), f"{t.reps} reps") if x))
-        rows.append(row)
-    print(_runner.markdown_table(rows))
-    if record:
-        _runner.append_results(rows)
-        print(f"\nappended {len(rows)} rows to {_runner.RESULTS}")
-    return rows
+    return _runner.report("equal_mass_bins", config, device, timings, ref="equal_mass_bins [torch]",
+                          peer="DAC reference way (sklearn quantile bins)", peer2="numpy stable argsort",
+                          notes=notes, record=record)
 
 
 def main(argv=None) -> int:

@@ -104,8 +104,26 @@ def _as_index(indices: Any, n: int) -> torch.Tensor:
     return torch.where(idx < 0, idx + n, idx)
 
 
+class LoaderMixin:
+    """``.loader(...)`` for the datasets (in memory or streamed): batches with the ``__getitem__`` field names."""
+
+    def loader(
+        self,
+        batch_size: int = 256,
+        *,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        shuffle: bool = False,
+        **kwargs: Any,
+    ) -> torch.utils.data.DataLoader:
+        """A ``DataLoader`` of batches with the ``__getitem__`` field names (see :func:`vlmfast.data.loader`)."""
+        from vlmfast.data.stream import loader
+
+        return loader(self, batch_size, num_workers=num_workers, pin_memory=pin_memory, shuffle=shuffle, **kwargs)
+
+
 @dataclass(eq=False, repr=False, kw_only=True)
-class ImageDataset:
+class ImageDataset(LoaderMixin):
     """A labelled image set. Per-sample fields (indexed by :meth:`subset`, returned by ``__getitem__``):
 
     * ``images`` ``(N, 3, H, W)`` uint8 RGB;  ``labels`` ``(N,)`` int64 in ``[0, len(classnames))``;
@@ -177,20 +195,6 @@ class ImageDataset:
             key = _ITEM_KEYS.get(name, name)
             out[key] = v[index]
         return out
-
-    def loader(
-        self,
-        batch_size: int = 256,
-        *,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        shuffle: bool = False,
-        **kwargs: Any,
-    ) -> torch.utils.data.DataLoader:
-        """A ``DataLoader`` of batches with the ``__getitem__`` field names (see :func:`vlmfast.data.loader`)."""
-        from vlmfast.data.stream import loader
-
-        return loader(self, batch_size, num_workers=num_workers, pin_memory=pin_memory, shuffle=shuffle, **kwargs)
 
     def subset(self, indices: Any):
         """A new dataset of the same class holding the samples at ``indices`` (ints, negative allowed, or a bool

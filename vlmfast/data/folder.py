@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from vlmfast.data._dataset import ImageDataset, check_index, sequence_of_str
+from vlmfast.data._dataset import ImageDataset, LoaderMixin, check_index, sequence_of_str
 
 BOX_COLUMNS = ("x1", "y1", "x2", "y2")
 DEFAULT_CAPTION = "a photo of a {}"
@@ -94,7 +94,7 @@ def image_folder(
     return ds if stream else ds.to_dataset()
 
 
-class ImageFolderStream(torch.utils.data.Dataset):
+class ImageFolderStream(LoaderMixin, torch.utils.data.Dataset):
     """The images of an :func:`image_folder` CSV, decoded one at a time (a map-style ``torch.utils.data.Dataset``).
 
     Built from the CSV alone (plus the first image's header when ``image_size`` is None); ``ds[i]`` opens,
@@ -174,20 +174,6 @@ class ImageFolderStream(torch.utils.data.Dataset):
                 rows.append(self._box(i, orig))
             self._boxes = torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)
         return self._boxes
-
-    def loader(
-        self,
-        batch_size: int = 256,
-        *,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        shuffle: bool = False,
-        **kwargs: Any,
-    ) -> torch.utils.data.DataLoader:
-        """A ``DataLoader`` of batches with the item field names (see :func:`vlmfast.data.loader`)."""
-        from vlmfast.data.stream import loader
-
-        return loader(self, batch_size, num_workers=num_workers, pin_memory=pin_memory, shuffle=shuffle, **kwargs)
 
     def to_dataset(self) -> ImageDataset:
         """Every image decoded into one :class:`ImageDataset` (the in-memory path of :func:`image_folder`)."""
