@@ -364,8 +364,13 @@ def test_pt_files_weights_only(rn, tmp_path):
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"visual.conv1.weight": _Payload(str(marker))}, f, protocol=2)
     (tmp_path / "evil.json").write_text(json.dumps({"config": M.TINY_RN}))
-    with pytest.raises(M.CheckpointError, match=r"evil\.pt: torch\.load\(weights_only=True\) refused"):
+    with pytest.raises(M.CheckpointError, match=r"evil\.pt: torch\.load\(weights_only=True\) refused") as info:
         M.load_checkpoint(tmp_path / "evil.pt")
+    # one line: what was refused, that vlmfast never unpickles, how to convert (not torch's 6-line advice)
+    msg = str(info.value)
+    assert "\n" not in msg and "never unpickles" in msg and "io.open" in msg, msg
+    assert "st.save_file(" in msg and "evil.safetensors" in msg and "(1)" not in msg and "add_safe_globals" not in msg
+    assert info.value.__cause__ is None and info.value.__suppress_context__
     with pytest.raises(M.CheckpointError, match="evil.pt"):
         M.create_model(M.TINY_RN, pretrained=str(tmp_path / "evil.pt"))
     assert not marker.exists()
@@ -378,6 +383,51 @@ def test_pt_files_weights_only(rn, tmp_path):
     torch.save({"a": [1, 2]}, tmp_path / "list.pt")
     with pytest.raises(M.CheckpointError, match="list.pt: expected a state dict"):
         M.load_state_dict_file(tmp_path / "list.pt")
+
+
+def test_card_is_strict_json_non_finite_floats_become_null(rn, tmp_path):
+    def strict(name):
+        raise ValueError(f"bare {name} in the card")
+
+    M.save_checkpoint(rn, tmp_path / "nan", {"method": "x", "metrics": {"ece": float("nan"), "acc": 0.5,
+                                                                        "nll": float("inf")},
+                                            "history": [1.0, float("-inf"), (2, float("nan"))]})
+    card = json.loads((tmp_path / "nan.json").read_text(), parse_constant=strict)  # strict parsers refuse NaN
+    assert card["metrics"] == {"ece": None, "acc": 0.5, "nll": None}
+    assert card["history"] == [1.0, None, [2, None]]
+    assert M.load_checkpoint(tmp_path / "nan")[1]["metrics"]["ece"] is None
+    with pytest.raises(TypeError, match=r"card\['metrics'\]\['t'\]: expected JSON-serialisable values"):
+        M.save_checkpoint(rn, tmp_path / "bad", {"metrics": {"t": torch.zeros(2)}})
+
+
+def test_no_import_cycle_and_no_private_names_across_modules():
+    """The modules of vlmfast.models import each other without a cycle (imports inside functions included:
+    checkpoint builds on factory and weights, factory on weights only), and no module of vlmfast.models,
+    vlmfast.train or vlmfast.losses imports another module's private name."""
+    import ast
+    from pathlib import Path
+
+    root = Path(M.__file__).resolve().parents[1]
+    graph: dict[str, set[str]] = {}
+    offenders = []
+    files = [*sorted((root / "models").glob("*.py")), *sorted((root / "train").glob("*.py")), root / "losses.py"]
+    for path in files:
+        here = f"{path.parent.name}.{path.stem}" if path.parent != root else path.stem
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vlmfast"):
+                offenders += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+                if node.module.startswith("vlmfast.models.") and path.parent.name == "models":
+                    graph.setdefault(here, set()).add("models." + node.module.split(".")[2])
+    assert offenders == []
+    assert "models.checkpoint" not in graph.get("models.factory", set())
+    assert graph.get("models.weights", set()) == set()
+
+    def reaches(a, b, seen=()):
+        return any(n == b or (n not in seen and reaches(n, b, (*seen, n))) for n in graph.get(a, ()))
+
+    cycles = sorted(m for m in graph if reaches(m, m))
+    assert cycles == []
 
 
 def test_save_checkpoint_is_atomic(rn, tmp_path, monkeypatch):
@@ -503,6 +553,10 @@ def test_pretrain_base_validation():
         M.pretrain_base(preset="test", steps=0)
     with pytest.raises(ValueError, match="targets"):
         M.pretrain_base(preset="test", targets="siglip")
+    with pytest.raises(TypeError, match="time_budget_s: removed; training length is `steps` only"):
+        M.pretrain_base(preset="test", time_budget_s=30)
+    with pytest.raises(ValueError, match="precision"):
+        M.pretrain_base(preset="test", precision="fp16")
 
 
 def test_pretrain_tiny_run_custom_data_no_cache(tmp_path, monkeypatch):
@@ -516,6 +570,43 @@ def test_pretrain_tiny_run_custom_data_no_cache(tmp_path, monkeypatch):
     assert card["steps"] == 3 and card["data"]["n"] == len(data.captions) and card["metrics"] == {}
     assert not (tmp_path / "models").exists() or not list((tmp_path / "models").iterdir())
     assert not model.training
+
+
+def test_pretrain_killed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """A cached pretraining run interrupted mid-way continues from its last resumable checkpoint and ends with the
+    weights of an uninterrupted run; the resume folder is removed once the base is cached."""
+    import vlmfast.models.pretrain as P
+    from vlmfast.data import spurious_mnist
+
+    monkeypatch.setenv("VLMFAST_CACHE", str(tmp_path))
+    monkeypatch.setattr(P, "RESUME_EVERY", 2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = spurious_mnist("train", n=120, strength=0.0, seed=0)
+        kw = dict(steps=6, batch_size=16, evaluate=False, device="cpu", progress=False)
+        ref, _ = M.pretrain_base(M.TINY_VIT, data, cache=False, **kw)
+        calls = {"n": 0}
+        zoom = P._zoom_digits
+
+        def dies_on_the_fifth_batch(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise KeyboardInterrupt("killed")
+            return zoom(*a, **k)
+
+        monkeypatch.setattr(P, "_zoom_digits", dies_on_the_fifth_batch)
+        with pytest.raises(KeyboardInterrupt):
+            M.pretrain_base(M.TINY_VIT, data, **kw)
+        resume_dirs = list((tmp_path / "models").glob("*.train"))
+        assert len(resume_dirs) == 1 and [p.name for p in resume_dirs[0].iterdir()] == ["step-00000004.pt"]
+        monkeypatch.setattr(P, "_zoom_digits", zoom)
+        model, card = M.pretrain_base(M.TINY_VIT, data, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert card["resumed_from_step"] == 4 and card["steps"] == 6
+    _state_equal(model, ref)
+    assert not resume_dirs[0].exists()
 
 
 @pytest.mark.slow

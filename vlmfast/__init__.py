@@ -1,9 +1,11 @@
 """vlmfast: fast fine-tuning and auditing of CLIP-style vision-language models.
 
-Public surface (stable): ``vlmfast.metrics`` (calibration, CalibrationError, piece), ``vlmfast.plot``
-(reliability_diagram), ``vlmfast.data`` (datasets with ground truth), ``vlmfast.models`` (open_clip models, text path, pretrained
-base), ``vlmfast.ops`` (the ops with their torch references), ``vlmfast.backends()``, and
-``BackendError``. Heavy modules (plot, data, models) load on first use.
+Public surface (stable): ``vlmfast.metrics`` (calibration, CalibrationError, piece), ``vlmfast.functional`` (the
+ops, also ``torch.ops.vlmfast.<op>``), ``vlmfast.plot`` (reliability_diagram), ``vlmfast.data`` (datasets with
+ground truth, streaming folders), ``vlmfast.models`` (open_clip models, text path, pretrained base),
+``vlmfast.losses`` (ClipLoss), ``vlmfast.train`` (the training engine), ``vlmfast.ops`` (the ops with their torch
+references), ``vlmfast.backends()``, and ``BackendError``. Heavy modules (plot, data, models, losses, train) load on
+first use. The command line (``vlmfast.cli``) is an app on top; the library never imports it.
 """
 
 from __future__ import annotations
@@ -26,21 +28,23 @@ __all__ = [
     "functional",
     "metrics",
     "data",
+    "losses",
     "models",
     "ops",
     "piece",
     "plot",
+    "train",
 ]
 
 
-_LAZY = ("plot", "data", "models")
+_LAZY = ("plot", "data", "models", "losses", "train")
 
 
 def backends() -> dict[str, list[str]]:
     """Every backend with the reasons it is unavailable in this process (empty list: available)."""
-    from vlmfast._dispatch import backend_reasons
+    from vlmfast._dispatch import backend_reasons, list_backends
 
-    return {name: backend_reasons(name) for name in BACKENDS}
+    return {name: backend_reasons(name) for name in list_backends()}
 
 
 def __getattr__(name: str):

@@ -1,6 +1,9 @@
 """vlmfast.models: open_clip models by name, tiny built-in configs, safe checkpoints, the EOT-truncated text path,
 region embeddings, a CPU-trainable pretrained base, and ``ModelSpec`` for fleet manifests.
 
+Layering (no import cycles): ``weights`` (safe state-dict files) <- ``factory`` (create_model, preprocess) <-
+``checkpoint`` (safetensors + card) <- ``text``, ``regions``, ``spec``, ``pretrain``.
+
 Importing this module registers the configs in ``vlmfast/models/configs/`` with open_clip (public
 ``open_clip.add_model_config``): ``vlmfast-tiny-rn`` (ModifiedResNet at 64 px, the region/RaVL path) and
 ``vlmfast-tiny-vit`` (ViT at 64 px); see :mod:`vlmfast.models.factory` for their geometry.
@@ -16,7 +19,8 @@ Importing this module registers the configs in ``vlmfast/models/configs/`` with 
 ``encode_text``            exact EOT-truncated text encoding (token cache, length bucketing)
 ``zero_shot_head``         (C, D) class embeddings averaged over templates
 ``encode_images``          batched image features, optional on-disk cache
-``pretrain_base``          contrastive pretraining of a tiny CLIP on unbiased composites (cached)
+``pretrain_base``          contrastive pretraining of a tiny CLIP on unbiased composites (cached, resumable;
+                           trained by :func:`vlmfast.train.fit` with :func:`vlmfast.losses.clip_loss`)
 ``ModelSpec``              a fleet manifest entry (JSON round trip, ``build()``)
 =========================  ==================================================================================
 """

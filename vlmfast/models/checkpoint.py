@@ -8,18 +8,20 @@ means its weights are complete):
 * ``<path>.json``: the card — ``format`` ("vlmfast-checkpoint"), ``format_version``, ``config`` (the open_clip
   config name), ``model_cfg`` (the full config dict, so the model can be rebuilt even where the name is not
   registered), ``method``, ``data``, ``metrics``, ``vlmfast_version``, ``weights_sha256`` and whatever else the
-  caller put in ``card``.
+  caller put in ``card``. The card is strict JSON: a non-finite float (NaN, inf — e.g. a metric that could not be
+  computed) is written as ``null``, never as a bare ``NaN``/``Infinity`` that strict parsers reject.
 
 Loading never unpickles arbitrary objects: ``.safetensors`` is parsed by safetensors; ``.pt``/``.pth``/``.bin``
-files go through ``torch.load(..., weights_only=True)``, which refuses anything but tensors and plain containers.
+files go through ``torch.load(..., weights_only=True)``, which refuses anything but tensors and plain containers
+(:mod:`vlmfast.models.weights`; a refused pickle gets one line saying how to convert the file to safetensors).
 Every failure (missing file or card, truncated or corrupt file, checksum mismatch, missing/unexpected key, wrong
 shape) raises :class:`CheckpointError` naming the file and, where there is one, the key.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,39 +29,59 @@ from typing import Any, Mapping
 import torch
 
 from vlmfast._cache import atomic_target, atomic_write_bytes
+from vlmfast.models.factory import (
+    CONFIG_ATTR,
+    build_from_config,
+    create_model,
+    get_model_config,
+    list_models,
+    model_config,
+    resolve_device,
+)
+from vlmfast.models.weights import (
+    TORCH_SUFFIXES,
+    CheckpointError,
+    load_state_dict_file,
+    load_weights_into,
+    sha256_file,
+)
 
 FORMAT = "vlmfast-checkpoint"
 FORMAT_VERSION = 1
-_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+__all__ = ["CheckpointError", "checkpoint_paths", "json_safe", "load_checkpoint", "load_state_dict_file",
+           "read_card", "save_checkpoint"]
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used: missing, corrupt, or not matching the model."""
-
-
-def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(weights file, card file) for a checkpoint path given with or without a suffix."""
+def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(weights file, card file) of a checkpoint path given with or without a suffix."""
     p = Path(path)
     if p.suffix == ".json":
         return p.with_suffix(".safetensors"), p
-    if p.suffix == ".safetensors" or p.suffix in _TORCH_SUFFIXES:
+    if p.suffix == ".safetensors" or p.suffix in TORCH_SUFFIXES:
         return p, p.with_suffix(".json")
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _json_safe(obj: Any, where: str) -> Any:
-    try:
-        return json.loads(json.dumps(obj, allow_nan=True))
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"{where}: expected JSON-serialisable values ({e})") from e
+def json_safe(obj: Any, where: str = "card") -> Any:
+    """``obj`` as strict JSON values: tuples become lists and non-finite floats (NaN, +-inf) become None (strict
+    parsers reject bare ``NaN``/``Infinity``). TypeError naming ``where`` and the key for anything else that is not
+    JSON (tensors, arrays, objects)."""
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where}: expected str keys, got {type(k).__name__} key {k!r}")
+            out[k] = json_safe(v, f"{where}[{k!r}]")
+        return out
+    raise TypeError(f"{where}: expected JSON-serialisable values (None, bool, int, float, str, list, dict), got "
+                    f"{type(obj).__name__}")
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, card: Mapping[str, Any] | None = None) -> Path:
@@ -72,7 +94,6 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, card: Mappi
     from safetensors.torch import save_file
 
     from vlmfast._version import __version__
-    from vlmfast.models.factory import get_model_config, model_config
 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -80,7 +101,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, card: Mappi
         card = {}
     if not isinstance(card, Mapping):
         raise TypeError(f"card: expected a dict, got {type(card).__name__}")
-    card = dict(_json_safe(dict(card), "card"))
+    card = json_safe(dict(card), "card")
     cfg = model_config(model)
     name = card.get("config") or (cfg["name"] if cfg else None)
     model_cfg = card.get("model_cfg") or (cfg["model_cfg"] if cfg else None)
@@ -91,7 +112,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, card: Mappi
         )
     if model_cfg is None:
         model_cfg = get_model_config(name)
-    weights_path, card_path = _paths(path)
+    weights_path, card_path = checkpoint_paths(path)
     if weights_path.suffix != ".safetensors":
         raise ValueError(f"path: checkpoints are written as safetensors; got {str(path)!r}")
 
@@ -106,7 +127,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, card: Mappi
             seen.add(ptr)
     with atomic_target(weights_path) as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT, "config": str(name or "")})
-        digest = _sha256(tmp)
+        digest = sha256_file(tmp)
     full = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -121,13 +142,14 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, card: Mappi
     }
     for k, v in card.items():
         full.setdefault(k, v)
-    atomic_write_bytes(card_path, (json.dumps(full, indent=2, sort_keys=True) + "\n").encode())
+    text = json.dumps(json_safe(full), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_bytes(card_path, (text + "\n").encode())
     return weights_path
 
 
 def read_card(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON card of a checkpoint (path with or without suffix). CheckpointError if missing or unreadable."""
-    _, card_path = _paths(path)
+    _, card_path = checkpoint_paths(path)
     if not card_path.is_file():
         raise CheckpointError(f"{card_path}: card missing (a vlmfast checkpoint is <path>.safetensors + <path>.json)")
     try:
@@ -139,82 +161,6 @@ def read_card(path: str | os.PathLike) -> dict[str, Any]:
     if "config" not in card and "model_cfg" not in card:
         raise CheckpointError(f"{card_path}: card has neither 'config' nor 'model_cfg'; cannot rebuild the model")
     return card
-
-
-def load_state_dict_file(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a ``.pt``/``.pth``/``.bin`` file (``torch.load(weights_only=True)``;
-    a ``{"state_dict": ...}`` wrapper and a ``module.`` prefix are undone). CheckpointError on any failure."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"{p}: no such checkpoint file")
-    if p.suffix == ".safetensors":
-        try:
-            state = load_file(str(p), device=str(device))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{p}: not a readable safetensors file (truncated or corrupt?): {e}") from e
-    elif p.suffix in _TORCH_SUFFIXES:
-        try:
-            obj = torch.load(str(p), map_location=device, weights_only=True)
-        except Exception as e:  # UnpicklingError for arbitrary pickles, RuntimeError/EOFError for truncation
-            kind = type(e).__name__
-            raise CheckpointError(
-                f"{p}: torch.load(weights_only=True) refused or failed to read the file ({kind}: {e}). Only plain "
-                "state dicts of tensors are accepted; arbitrary pickled objects are never loaded"
-            ) from e
-        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict):
-            raise CheckpointError(f"{p}: expected a state dict (dict of tensors), got {type(obj).__name__}")
-        for k, v in obj.items():
-            if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-                raise CheckpointError(
-                    f"{p}: expected a state dict of str -> Tensor, entry {k!r} is {type(v).__name__}"
-                )
-        state = obj
-    else:
-        raise CheckpointError(
-            f"{p}: unknown checkpoint suffix {p.suffix!r}; expected .safetensors or one of {_TORCH_SUFFIXES}"
-        )
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def load_weights_into(
-    model: torch.nn.Module,
-    state: Mapping[str, torch.Tensor],
-    path: str | os.PathLike,
-    *,
-    config_name: str | None = None,
-) -> None:
-    """Copy ``state`` into ``model`` after checking every key and shape; CheckpointError naming ``path`` and the
-    first offending keys otherwise (nothing is copied then)."""
-    p = Path(path)
-    expected = model.state_dict()
-    what = f"the model {config_name!r}" if config_name else "the model"
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:5]}" + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
-        if unexpected:
-            parts.append(
-                f"unexpected keys {unexpected[:5]}" + (f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else "")
-            )
-        raise CheckpointError(f"{p}: does not match {what}: " + "; ".join(parts))
-    for k, v in expected.items():
-        got = state[k]
-        if tuple(got.shape) != tuple(v.shape):
-            raise CheckpointError(
-                f"{p}: key {k!r} has shape {tuple(got.shape)} but {what} expects {tuple(v.shape)}"
-            )
-        if got.is_floating_point() != v.is_floating_point():
-            raise CheckpointError(f"{p}: key {k!r} has dtype {got.dtype} but {what} expects {v.dtype}")
-    model.load_state_dict(dict(state), strict=True)
 
 
 def load_checkpoint(
@@ -231,9 +177,7 @@ def load_checkpoint(
     card, ``config=`` naming the open_clip config to build. ``verify`` checks the weights' SHA-256 against the card
     when the card has one.
     """
-    from vlmfast.models.factory import CONFIG_ATTR, _open_clip, _quiet_random_init, _resolve_device, build_from_config
-
-    weights_path, card_path = _paths(path)
+    weights_path, card_path = checkpoint_paths(path)
     if not weights_path.is_file():
         raise CheckpointError(f"{weights_path}: no such checkpoint file")
     if card_path.is_file() or config is None:
@@ -245,21 +189,19 @@ def load_checkpoint(
     name = config or card.get("config")
     model_cfg = card.get("model_cfg")
     if verify and card.get("weights_sha256"):
-        digest = _sha256(weights_path)
+        digest = sha256_file(weights_path)
         if digest != card["weights_sha256"]:
             raise CheckpointError(
                 f"{weights_path}: SHA-256 {digest[:12]}... does not match the card's weights_sha256 "
                 f"{card['weights_sha256'][:12]}... (file truncated, corrupt or replaced)"
             )
-    oc = _open_clip()
-    dev = _resolve_device(device)
-    registered = oc.get_model_config(name) if name else None
+    dev = resolve_device(device)
+    registered = get_model_config(name) if isinstance(name, str) and name in list_models() else None
     if model_cfg is None and registered is None:
         raise CheckpointError(f"{card_path}: config {name!r} is not registered and the card has no 'model_cfg'")
     if model_cfg is None or model_cfg == registered:
         model_cfg = registered
-        with _quiet_random_init(True):
-            model = oc.create_model(name, pretrained=None, device="cpu")
+        model = create_model(name, pretrained=None, device="cpu")
     else:  # a config that differs from (or is absent in) the registry: build exactly what the card describes
         try:
             model = build_from_config(model_cfg)

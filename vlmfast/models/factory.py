@@ -43,6 +43,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from vlmfast.models.weights import load_state_dict_file, load_weights_into
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TINY_RN = "vlmfast-tiny-rn"
 TINY_VIT = "vlmfast-tiny-vit"
@@ -104,7 +106,8 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _resolve_device(device: Any) -> torch.device:
+def resolve_device(device: Any) -> torch.device:
+    """``torch.device(device)``; None picks CUDA when available, else CPU. ValueError for anything else."""
     if device is None:
         return default_device()
     try:
@@ -151,7 +154,7 @@ def create_model(
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     oc = _open_clip()
     model_cfg = get_model_config(name)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     weights_file: Path | None = None
     tag: str | None = None
     if pretrained is not None:
@@ -178,8 +181,6 @@ def create_model(
     with _quiet_random_init(tag is None):
         model = oc.create_model(name, pretrained=tag, precision=precision, device=dev, **open_clip_kwargs)
     if weights_file is not None:
-        from vlmfast.models.checkpoint import load_state_dict_file, load_weights_into
-
         state = load_state_dict_file(weights_file)
         load_weights_into(model, state, weights_file, config_name=name)
     model.eval()
@@ -377,11 +378,12 @@ def preprocess(
 def preprocess_for(model: torch.nn.Module, images: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """:func:`preprocess` at the model's image size and normalisation, on the model's device."""
     mean, std = model_mean_std(model)
-    kwargs.setdefault("device", _model_device(model))
+    kwargs.setdefault("device", model_device(model))
     return preprocess(images, image_size(model), mean=mean, std=std, **kwargs)
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
     for p in model.parameters():
         return p.device
     return torch.device("cpu")

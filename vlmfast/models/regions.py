@@ -20,7 +20,7 @@ do leak into its embedding a little; the tests bound that leak relative to chang
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -81,14 +81,15 @@ def _resnet_trunk(vis: torch.nn.Module, x: torch.Tensor, stop: int) -> torch.Ten
 
 def region_features(
     model: torch.nn.Module,
-    images: torch.Tensor,
-    boxes: torch.Tensor | Sequence[torch.Tensor],
+    images: Any,
+    boxes: torch.Tensor | Sequence[torch.Tensor] | None = None,
     *,
     layer: str = "auto",
     method: str = "auto",
     normalize: bool = True,
     output_size: int | tuple[int, int] | None = None,
     sampling_ratio: int = 0,
+    batch_size: int = 256,
 ) -> torch.Tensor:
     """Region embeddings, ``(N, K, D)`` for ``boxes`` of shape ``(N, K, 4)``, or ``(sum K_i, D)`` (image-major
     order) for a list of ``(K_i, 4)`` tensors.
@@ -103,15 +104,27 @@ def region_features(
     (roi for a ResNet, else crop). ``output_size`` overrides the RoIAlign grid (default: the layer's own map size
     for the model's input size — anything else would not match the attention pool). Runs in the model's current
     mode with gradients as the caller has them (wrap in ``torch.no_grad()`` for inference).
+
+    ``images`` may also be a dataset or a stream (:func:`vlmfast.data.stream.iter_batches`: an in-memory
+    :class:`~vlmfast.data.ImageDataset`, an :class:`~vlmfast.data.ImageFolderStream`, any torch ``Dataset`` or a
+    ``DataLoader``), encoded ``batch_size`` images at a time (a DataLoader's own batches), rows in the order it
+    yields them, with the same result as the whole tensor. Boxes then come from ``boxes`` (one entry per image, in
+    that order) or, when ``boxes`` is None, from each batch: its ``"region_boxes"`` ``(B, K, 4)`` (spurious-MNIST
+    quadrants) if it has them, else its ``"box"`` ``(B, 4)`` (one box per image: output ``(N, 1, D)``).
     """
     from torchvision.ops import roi_align
 
-    from vlmfast.models.factory import _model_device, image_size, model_family, preprocess_for
+    from vlmfast.models.factory import image_size, model_device, model_family, preprocess_for
 
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images: expected a torch.Tensor, got {type(images).__name__}")
+        return _region_features_batched(model, images, boxes, batch_size, layer=layer, method=method,
+                                        normalize=normalize, output_size=output_size, sampling_ratio=sampling_ratio)
+    if images.is_meta:
+        raise ValueError(f"images: expected a tensor with data, got a meta tensor {tuple(images.shape)}")
+    if boxes is None:
+        raise ValueError("boxes: required with an image tensor (a dataset or stream can supply its own boxes)")
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images: expected shape (N, 3, H, W), got {tuple(images.shape)}")
     family = model_family(model)
@@ -122,7 +135,7 @@ def region_features(
     n, _, h_in, w_in = images.shape
     if h_in != w_in:
         raise ValueError(f"images: expected square images (boxes scale by one factor), got {h_in} x {w_in}")
-    device = _model_device(model)
+    device = model_device(model)
     vis = model.visual
     param_dtype = next(vis.parameters()).dtype
     rois, counts, padded = _boxes_to_rois(boxes, n, device, torch.float32)
@@ -160,6 +173,51 @@ def region_features(
     if padded:
         return feats.reshape(n, counts[0] if counts else 0, -1)
     return feats
+
+
+def _region_features_batched(model, data: Any, boxes, batch_size: int, **kwargs: Any) -> torch.Tensor:
+    """:func:`region_features` of a dataset / stream, batch by batch (see its docstring)."""
+    from vlmfast.data.stream import iter_batches
+
+    if not (hasattr(data, "images") or isinstance(data, (torch.utils.data.Dataset, torch.utils.data.DataLoader))):
+        raise TypeError(
+            "images: expected a torch.Tensor (N, 3, H, W), a dataset with .images, a torch Dataset or a DataLoader, "
+            f"got {type(data).__name__}"
+        )
+    if boxes is not None and not isinstance(boxes, (torch.Tensor, list, tuple)):
+        raise TypeError(f"boxes: expected a Tensor (N, K, 4) or a list of (K_i, 4) tensors, got {type(boxes).__name__}")
+    if boxes is not None and not isinstance(data, torch.utils.data.DataLoader) and hasattr(data, "__len__"):
+        if len(boxes) != len(data):
+            raise ValueError(f"boxes: expected {len(data)} entries (one per image), got {len(boxes)}")
+    outs, offset = [], 0
+    for b in iter_batches(data, batch_size, what="images"):
+        x = b["image"]
+        m = x.shape[0]
+        if boxes is not None:
+            if offset + m > len(boxes):
+                raise ValueError(f"boxes: expected one entry per image, got {len(boxes)} for {offset + m}+ images")
+            bb = boxes[offset:offset + m]
+        elif isinstance(b.get("region_boxes"), torch.Tensor):
+            bb = b["region_boxes"]
+        elif isinstance(b.get("box"), torch.Tensor):
+            bb = b["box"]
+            if bb.dim() != 2 or bb.shape[-1] != 4:
+                raise ValueError(f"boxes: expected the batches' 'box' field of shape (B, 4), got {tuple(bb.shape)}")
+            missing = torch.nonzero((bb < 0).all(dim=-1)).reshape(-1)
+            if missing.numel():
+                j = int(missing[0])
+                where = int(b["index"][j]) if isinstance(b.get("index"), torch.Tensor) else offset + j
+                raise ValueError(f"boxes: sample {where} has no box (-1s); pass boxes= for every image")
+            bb = bb[:, None]
+        else:
+            raise ValueError("boxes: the data has no 'region_boxes' or 'box' field; pass boxes=")
+        outs.append(region_features(model, x, bb, **kwargs))
+        offset += m
+    if boxes is not None and offset != len(boxes):
+        raise ValueError(f"boxes: expected {offset} entries (one per image), got {len(boxes)}")
+    if not outs:
+        raise ValueError("images: the data yielded no images")
+    return torch.cat(outs)
 
 
 def resnet_map_sizes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:

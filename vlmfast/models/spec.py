@@ -127,6 +127,6 @@ class ModelSpec:
 
 
 def _has_card(path: str) -> bool:
-    from vlmfast.models.checkpoint import _paths
+    from vlmfast.models.checkpoint import checkpoint_paths
 
-    return _paths(path)[1].is_file()
+    return checkpoint_paths(path)[1].is_file()

@@ -110,8 +110,9 @@ class _TextParts:
     eos_id: int | None
 
 
-def _text_parts(model: torch.nn.Module) -> _TextParts | None:
-    """The pieces of a truncatable causal text tower, or None (then encode_text falls back)."""
+def text_parts(model: torch.nn.Module) -> _TextParts | None:
+    """The pieces of a truncatable causal text tower (for :func:`encode_truncated`), or None: then the model's own
+    ``encode_text`` must run (what :func:`encode_text` falls back to)."""
     try:
         from open_clip.model import CLIP, CustomTextCLIP
         from open_clip.transformer import TextTransformer
@@ -139,7 +140,7 @@ def _text_parts(model: torch.nn.Module) -> _TextParts | None:
 
 def text_path(model: torch.nn.Module) -> str:
     """``"truncated"`` if :func:`encode_text` runs the exact EOT-truncated path for this model, else ``"full"``."""
-    return "truncated" if _text_parts(model) is not None else "full"
+    return "truncated" if text_parts(model) is not None else "full"
 
 
 def eot_positions(tokens: torch.Tensor, pool_type: str = "argmax", eos_id: int | None = None) -> torch.Tensor:
@@ -159,7 +160,9 @@ def _causal_mask(parts: _TextParts, length: int) -> torch.Tensor:
     return parts.attn_mask[:length, :length]
 
 
-def _encode_truncated(parts: _TextParts, tokens: torch.Tensor) -> torch.Tensor:
+def encode_truncated(parts: _TextParts, tokens: torch.Tensor) -> torch.Tensor:
+    """Unnormalised text features of token ids ``(N, context)`` through the EOT-truncated path of ``parts``
+    (:func:`text_parts`); gradients flow as the caller's grad mode allows."""
     eot = eot_positions(tokens, parts.pool_type, parts.eos_id)
     length = _truncated_length(eot)
     cast = parts.transformer.get_cast_dtype()
@@ -213,7 +216,7 @@ def encode_text(
         texts = [texts_or_tokens] if isinstance(texts_or_tokens, str) else list(texts_or_tokens)
         tokens = tokenize(texts, tokenizer if tokenizer is not None else get_tokenizer(model))
     device = _model_device(model)
-    parts = _text_parts(model) if truncate else None
+    parts = text_parts(model) if truncate else None
     n = tokens.shape[0]
     if n == 0:
         dim = _output_dim(model)
@@ -229,7 +232,7 @@ def encode_text(
     chunks = []
     for start in range(0, n, batch_size):
         tok = tokens[order[start:start + batch_size]].to(device)
-        feats = _encode_truncated(parts, tok) if parts is not None else model.encode_text(tok)
+        feats = encode_truncated(parts, tok) if parts is not None else model.encode_text(tok)
         chunks.append(feats.float())
     out = torch.cat(chunks)
     if parts is not None:
@@ -328,7 +331,13 @@ def tensor_hash(x: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-def _as_images(data_or_images: Any) -> torch.Tensor:
+def _as_images(data_or_images: Any) -> torch.Tensor | None:
+    """The in-memory ``(N, 3, H, W)`` images of ``data_or_images``, or None for a streamed source (a DataLoader, or
+    a torch Dataset without an ``.images`` tensor), which is read batch by batch."""
+    from vlmfast.data.stream import is_streaming
+
+    if is_streaming(data_or_images):
+        return None
     images = getattr(data_or_images, "images", data_or_images)
     if not isinstance(images, torch.Tensor):
         try:
@@ -340,9 +349,11 @@ def _as_images(data_or_images: Any) -> torch.Tensor:
             pass
     if not isinstance(images, torch.Tensor):
         raise TypeError(
-            "data_or_images: expected a (N, 3, H, W) tensor or a dataset with .images, got "
-            f"{type(data_or_images).__name__}"
+            "data_or_images: expected a (N, 3, H, W) tensor, a dataset with .images, a torch Dataset (e.g. "
+            f"vlmfast.data.ImageFolderStream) or a DataLoader, got {type(data_or_images).__name__}"
         )
+    if images.is_meta:
+        raise ValueError(f"data_or_images: expected images with data, got a meta tensor {tuple(images.shape)}")
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"data_or_images: expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
     return images
@@ -359,41 +370,64 @@ def encode_images(
 ) -> torch.Tensor:
     """Image embeddings ``(N, D)`` float32 on the CPU.
 
-    ``data_or_images``: a ``(N, 3, H, W)`` uint8 tensor (or float in [0, 1]) or any object with such an ``.images``.
+    ``data_or_images``: a ``(N, 3, H, W)`` uint8 tensor (or float in [0, 1]) or any object with such an ``.images``
+    (in memory); or a stream, read one batch at a time (memory bounded by the batch): a torch ``Dataset`` such as
+    :class:`vlmfast.data.ImageFolderStream` (batched in order, in this process) or a ``DataLoader`` (e.g.
+    ``stream.loader(256, num_workers=8, pin_memory=True)``; its own batch size and order are used, rows come back
+    in the order it yields them). The same images give the same features on every path.
     Batches of ``batch_size`` are preprocessed (:func:`vlmfast.models.preprocess` at the model's size), moved to the
     model's device and encoded under ``torch.no_grad``; on CUDA under bf16 autocast, on CPU in float32.
     ``cache=True`` stores/reuses the result under ``cache_dir("features")`` keyed by (weights hash, data hash,
-    normalize, format version) as safetensors; the model's mode (eval) is the caller's business.
+    normalize, format version) as safetensors with a SHA-256 of the features, checked on load (a changed entry is
+    recomputed); a stream is keyed by its ``fingerprint()`` (for a DataLoader: its dataset's, when it reads it in
+    order and whole). The model's mode (eval) is the caller's business.
     """
-    from vlmfast.models.factory import preprocess_for
+    from vlmfast._cache import content_digest
+    from vlmfast.data.stream import fingerprint, iter_batches, num_batches
+    from vlmfast.models.factory import model_device, preprocess_for
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int):
         raise TypeError(f"batch_size: expected an int, got {type(batch_size).__name__}")
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     images = _as_images(data_or_images)
-    device = _model_device(model)
+    device = model_device(model)
     path = None
     if cache:
-        key = stable_hash({"weights": weights_hash(model), "data": tensor_hash(images), "normalize": bool(normalize),
+        data_key = tensor_hash(images) if images is not None else fingerprint(data_or_images)
+        if data_key is None:
+            raise ValueError(
+                "cache: a streamed source is keyed by its fingerprint(); expected an ImageFolderStream or a "
+                f"DataLoader reading one in order and whole, got {type(data_or_images).__name__}"
+            )
+        key = stable_hash({"weights": weights_hash(model), "data": data_key, "normalize": bool(normalize),
                            "device_type": device.type, "v": FEATURES_FORMAT_VERSION})
         path = cache_dir("features") / f"img-{key}.safetensors"
         if path.is_file():
-            from safetensors.torch import load_file
+            from safetensors import safe_open
 
             try:
-                return load_file(str(path))["features"]
+                with safe_open(str(path), framework="pt") as fh:
+                    stored = (fh.metadata() or {}).get("sha256")
+                    feats = fh.get_tensor("features")
+                if stored == content_digest({"features": feats}):
+                    return feats
             except Exception:  # a damaged entry is recomputed and rewritten
                 pass
-    n = images.shape[0]
-    chunks = []
-    starts = range(0, n, batch_size)
+    if images is not None:
+        n = images.shape[0]
+        batches: Iterable = (images[s:s + batch_size] for s in range(0, n, batch_size))
+        total = (n + batch_size - 1) // batch_size
+    else:
+        batches = (b["image"] for b in iter_batches(data_or_images, batch_size, what="data_or_images"))
+        total = num_batches(data_or_images, batch_size)
     if progress:
-        starts = _progress(starts, total=(n + batch_size - 1) // batch_size, desc="encode_images")
+        batches = _progress(batches, total=total, desc="encode_images")
+    chunks = []
     use_amp = device.type == "cuda"
     with torch.no_grad():
-        for s in starts:
-            x = preprocess_for(model, images[s:s + batch_size])
+        for batch in batches:
+            x = preprocess_for(model, batch)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 f = model.encode_image(x)
             f = f.float()
@@ -404,8 +438,9 @@ def encode_images(
     if path is not None:
         from safetensors.torch import save_file
 
+        out = out.contiguous()
         with atomic_target(path) as tmp:
-            save_file({"features": out.contiguous()}, str(tmp))
+            save_file({"features": out}, str(tmp), metadata={"sha256": content_digest({"features": out})})
     return out
 
 
