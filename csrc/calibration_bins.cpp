@@ -39,6 +39,27 @@ constexpr int64_t kLanes = 8;
 
 VLMFAST_INLINE vf8 splat(float v) { return vf8{v, v, v, v, v, v, v, v}; }
 
+// Lane permutations for the horizontal reductions (three steps: halves, quarters, neighbours).
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define VLMFAST_PERMUTE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define VLMFAST_PERMUTE(v, ...) __builtin_shuffle(v, vi8{__VA_ARGS__})
+#endif
+#define VLMFAST_HREDUCE(v, OP)                           \
+  do {                                                   \
+    v = OP(v, VLMFAST_PERMUTE(v, 4, 5, 6, 7, 0, 1, 2, 3)); \
+    v = OP(v, VLMFAST_PERMUTE(v, 2, 3, 0, 1, 6, 7, 4, 5)); \
+    v = OP(v, VLMFAST_PERMUTE(v, 1, 0, 3, 2, 5, 4, 7, 6)); \
+  } while (0)
+template <class V>
+VLMFAST_INLINE V vadd(V a, V b) { return a + b; }
+template <class V>
+VLMFAST_INLINE V vor(V a, V b) { return a | b; }
+template <class V>
+VLMFAST_INLINE V vmax(V a, V b) { return a > b ? a : b; }
+template <class V>
+VLMFAST_INLINE V vmin(V a, V b) { return a < b ? a : b; }
+
 // exp(x) for x <= 0 (x = logit - row max), float32, eight lanes. Range reduction x = k ln2 + r, |r| <= ln2/2
 // (k rounded to nearest with the 1.5 * 2^23 trick), then the degree-7 Taylor polynomial of exp(r) (truncation
 // error < 6e-9 relative, below one float ulp) and 2^k built from the exponent bits. Exactly 1 at x = 0, so a
@@ -65,9 +86,30 @@ VLMFAST_INLINE vf8 exp_nonpos(vf8 x) {
 
 VLMFAST_INLINE float exp_nonpos(float x) { return exp_nonpos(splat(x))[0]; }
 
+// The scalar end of a float32 row from rest = sum_{c != pred} exp(x_c - mx), rest2 (the squares) and e_y =
+// exp(x_y - mx), which is exactly 1 when y is the prediction (exp_nonpos(0) == 1). One division, no branch:
+//   s = 1 + rest, conf = 1 / s;
+//   log1p(rest) = log(s) + (rest - (s - 1)) / s: s - 1 and rest - (s - 1) are exact (the rounding error of s),
+//     so one logf gives log1p to about an ulp (glibc's log1pf costs twice as much: the row's largest scalar cost);
+//   Brier = sum_c p_c^2 - 2 p_y + 1 = (1 - p_y)^2 + sum_{c != y} p_c^2
+//         = ((1 - e_y + rest)^2 + (1 - e_y^2 + rest2)) / s^2,
+//     which for y == pred is (rest^2 + rest2) / s^2 exactly: no cancellation of 1 - 2 p_y + p_y^2 near
+//     saturation (and 1 - e_y >= 0 otherwise).
+struct RowTail {
+  float conf, log1p_rest, brier;
+};
+
+VLMFAST_INLINE RowTail row_tail(float rest, float rest2, float ey) {
+  const float s = 1.0f + rest;
+  const float inv = 1.0f / s;
+  const float u = (1.0f - ey) + rest;
+  const float w = (1.0f - ey * ey) + rest2;
+  return RowTail{inv, std::log(s) + (rest - (s - 1.0f)) * inv, (u * u + w) * (inv * inv)};
+}
+
 struct RowResult {
   float conf;
-  double nll;    // float32 math for float32/16 rows, float64 for float64 rows
+  double nll;    // float64: (mx - x_y) overflows float32 for finite logits; float64 rows: float64 throughout
   double brier;
   int64_t pred;
   bool finite;
@@ -81,12 +123,20 @@ VLMFAST_INLINE vf8 load8(const float* p) {
   return v;
 }
 
-// Statistics of one contiguous float32 row `x` (length C >= 1), read in place: whole vectors straight from `x`,
-// the last C mod 8 elements through an 8-lane buffer padded with -inf (whose exp is exactly 0).
-// Pass 1: per-lane running max with the first index reaching it (strict >), NaN/inf flag; the lanes are then
-// merged by max value and lowest index, which is the first argmax of the row. Pass 2: exp sums, two vectors
-// per step for instruction-level parallelism.
-VLMFAST_INLINE RowResult row_stats_f32(const float* __restrict x, int64_t C, int64_t y) {
+// Statistics of one float32 row `x` (length C >= 1). Pass 1 reads `x` in place (whole vectors, then the last
+// C mod 8 elements through an 8-lane buffer padded with -inf): per-lane running max with the first index
+// reaching it (strict >) and a NaN/inf flag; the lanes are then merged by max value and lowest index, which is
+// the first argmax of the row. Pass 1 also leaves the row in `buf` (padded(C) floats; whole vectors are not
+// stored again when x == buf already, `in_buf`), padded with -inf, and the argmax is then overwritten with -inf.
+// Pass 2 (over buf, two vectors per step for instruction-level parallelism) thus sums every class but the
+// argmax: rest = sum_{c != pred} exp(x_c - mx) (and the squares), and s = 1 + rest. Leaving the argmax's exact
+// 1 out of the running sums keeps the small terms of a near-saturated row (gaps of ~17-20 at C >= 10, each term
+// below half an ulp of 1) from being rounded away one by one: conf = 1 / (1 + rest) rounds like an accurately
+// summed softmax (float64 rounded to float32, away from a 2^-25 < rest <= 2^-24 band where only float32's
+// 1 + rest rounds to 1). The copy costs one store per vector in pass 1 and keeps pass 2 unmasked and unsplit
+// (a masked or split loop measured slower). The clamped exp's ~1.6e-38 for the -inf entries
+// changes nothing (1 + rest and log1p(rest) see it only when the true rest is below 1e-37).
+VLMFAST_INLINE RowResult row_stats_f32(const float* x, int64_t C, int64_t y, float* buf, bool in_buf) {
   RowResult out{};
   const float ninf = -std::numeric_limits<float>::infinity();
   const int64_t full = C / kLanes * kLanes;
@@ -99,6 +149,7 @@ VLMFAST_INLINE RowResult row_stats_f32(const float* __restrict x, int64_t C, int
   vi8 bad = lane * 0;
   for (int64_t c0 = 0; c0 < full; c0 += kLanes) {
     const vf8 v = load8(x + c0);
+    if (!in_buf) std::memcpy(buf + c0, &v, sizeof(v));
     bad |= (v - v) != 0.0f;  // NaN or +-inf
     const vi8 gt = v > mxv;
     mxv = gt ? v : mxv;
@@ -106,64 +157,59 @@ VLMFAST_INLINE RowResult row_stats_f32(const float* __restrict x, int64_t C, int
   }
   if (rem) {
     const vf8 v = load8(tail);
+    std::memcpy(buf + full, &v, sizeof(v));
     bad |= ((v - v) != 0.0f) & (lane < static_cast<int32_t>(rem));  // the -inf padding is not an error
     const vi8 gt = v > mxv;
     mxv = gt ? v : mxv;
     idxv = gt ? lane + static_cast<int32_t>(full) : idxv;
   }
-  int any_bad = 0;
-  float mx = ninf;
-  for (int64_t j = 0; j < kLanes; ++j) {
-    any_bad |= bad[j];
-    mx = mxv[j] > mx ? mxv[j] : mx;
-  }
-  if (any_bad) {
+  VLMFAST_HREDUCE(bad, vor);
+  if (bad[0]) {
     out.finite = false;
     return out;
   }
   out.finite = true;
-  int64_t pred = C;
-  for (int64_t j = 0; j < kLanes; ++j) {
-    if (mxv[j] == mx && idxv[j] < pred) pred = idxv[j];
-  }
+  vf8 mxall = mxv;  // every lane: the row max (no NaN left)
+  VLMFAST_HREDUCE(mxall, vmax);
+  const float mx = mxall[0];
+  vi8 first = mxv == mxall ? idxv : lane * 0 + static_cast<int32_t>(C);  // lowest index of the max
+  VLMFAST_HREDUCE(first, vmin);
+  const int64_t pred = first[0];
+  const float xy = x[y];
+  buf[pred] = ninf;
   const vf8 m = splat(mx);
+  const int64_t cp = full + (rem ? kLanes : 0);
   vf8 sa = splat(0.0f), sb = splat(0.0f), s2a = splat(0.0f), s2b = splat(0.0f);
   int64_t c0 = 0;
-  for (; c0 + 2 * kLanes <= full; c0 += 2 * kLanes) {
-    const vf8 ea = exp_nonpos(load8(x + c0) - m);
-    const vf8 eb = exp_nonpos(load8(x + c0 + kLanes) - m);
+  for (; c0 + 2 * kLanes <= cp; c0 += 2 * kLanes) {
+    const vf8 ea = exp_nonpos(load8(buf + c0) - m);
+    const vf8 eb = exp_nonpos(load8(buf + c0 + kLanes) - m);
     sa += ea;
     sb += eb;
     s2a += ea * ea;
     s2b += eb * eb;
   }
-  for (; c0 < full; c0 += kLanes) {
-    const vf8 e = exp_nonpos(load8(x + c0) - m);
+  if (c0 < cp) {
+    const vf8 e = exp_nonpos(load8(buf + c0) - m);
     sa += e;
     s2a += e * e;
   }
-  if (rem) {
-    const vf8 e = exp_nonpos(load8(tail) - m);
-    sb += e;
-    s2b += e * e;
-  }
   sa += sb;
   s2a += s2b;
-  float s = 0.0f, s2 = 0.0f;
-  for (int64_t j = 0; j < kLanes; ++j) {
-    s += sa[j];
-    s2 += s2a[j];
-  }
-  const float xy = x[y];
-  const float py = exp_nonpos(xy - mx) / s;
+  VLMFAST_HREDUCE(sa, vadd);  // pairwise
+  VLMFAST_HREDUCE(s2a, vadd);
+  const float rest = sa[0], rest2 = s2a[0];
+  const RowTail t = row_tail(rest, rest2, exp_nonpos(xy - mx));
   out.pred = pred;
-  out.conf = 1.0f / s;
-  out.nll = mx + std::log(s) - xy;
-  out.brier = s2 / (s * s) - 2.0f * py + 1.0f;
+  out.conf = t.conf;
+  // logsumexp - x_y = (mx - x_y) + log1p(rest); the difference in float64 (mx - x_y overflows float32 for
+  // finite logits such as 3e38 and -3e38).
+  out.nll = (static_cast<double>(mx) - static_cast<double>(xy)) + static_cast<double>(t.log1p_rest);
+  out.brier = t.brier;
   return out;
 }
 
-// float64 rows keep float64 throughout (std::exp; not a hot path).
+// float64 rows keep float64 throughout (std::exp; not a hot path). Same formulas as row_stats_f32.
 RowResult row_stats_f64(const double* row, int64_t sc, int64_t C, int64_t y, double* conf64) {
   RowResult out{};
   double mx = -std::numeric_limits<double>::infinity();
@@ -179,20 +225,23 @@ RowResult row_stats_f64(const double* row, int64_t sc, int64_t C, int64_t y, dou
       pred = c;
     }
   }
-  double s = 0.0, s2 = 0.0;
+  double rest = 0.0, rest2 = 0.0;  // every class but the argmax
   for (int64_t c = 0; c < C; ++c) {
+    if (c == pred) continue;
     const double e = std::exp(row[c * sc] - mx);
-    s += e;
-    s2 += e * e;
+    rest += e;
+    rest2 += e * e;
   }
+  const double s = 1.0 + rest;
   const double xy = row[y * sc];
-  const double py = std::exp(xy - mx) / s;
   out.finite = true;
   out.pred = pred;
   *conf64 = 1.0 / s;
   out.conf = static_cast<float>(*conf64);
-  out.nll = mx + std::log(s) - xy;
-  out.brier = s2 / (s * s) - 2.0 * py + 1.0;
+  out.nll = (mx - xy) + std::log1p(rest);
+  const double ey = std::exp(xy - mx);  // exactly 1 for y == pred
+  const double u = (1.0 - ey) + rest, w = (1.0 - ey * ey) + rest2;
+  out.brier = (u * u + w) / (s * s);
   return out;
 }
 
@@ -282,7 +331,7 @@ VLMFAST_CLONES void run_task_f32(const Ctx& ctx, Accum& acc, int64_t m, int64_t 
       load_row(row, x.stride(2), ctx.C, buf);
       row = buf;
     }
-    RowResult r = row_stats_f32(row, ctx.C, y_ok ? y : 0);
+    RowResult r = row_stats_f32(row, ctx.C, y_ok ? y : 0, buf, /*in_buf=*/x.stride(2) != 1);
     if (!y_ok) r.finite = false;
     record(ctx, acc, m, n, r, y, static_cast<double>(r.conf));
   }
@@ -296,7 +345,7 @@ VLMFAST_CLONES void run_task_16(const Ctx& ctx, Accum& acc, int64_t m, int64_t n
     const int64_t y = label_at(ctx.a->labels, m, n);
     const bool y_ok = y >= 0 && y < ctx.C;
     load_row(base + m * x.stride(0) + n * x.stride(1), x.stride(2), ctx.C, buf, bf16);
-    RowResult r = row_stats_f32(buf, ctx.C, y_ok ? y : 0);
+    RowResult r = row_stats_f32(buf, ctx.C, y_ok ? y : 0, buf, /*in_buf=*/true);
     if (!y_ok) r.finite = false;
     record(ctx, acc, m, n, r, y, static_cast<double>(r.conf));
   }

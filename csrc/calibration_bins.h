@@ -2,10 +2,15 @@
 //
 // Per row (model m, sample n), with x = logits[m, n, :] converted to float32 (float64 stays float64):
 //   mx   = max_c x_c,  pred = first argmax (ties -> lowest class index, as torch.argmax)
-//   s    = sum_c exp(x_c - mx),   s2 = sum_c exp(2 (x_c - mx))      (online softmax; probabilities never stored)
-//   conf = 1 / s                  (the top softmax probability)
-//   nll  = mx + log(s) - x_y      (logsumexp - logit of the label)
-//   brier= s2 / s^2 - 2 exp(x_y - mx) / s + 1                         (sum_c p_c^2 - 2 p_y + 1)
+//   rest = sum_{c != pred} exp(x_c - mx),  rest2 = sum_{c != pred} exp(2 (x_c - mx))   (probabilities never stored)
+//   s    = 1 + rest               (the argmax's exact 1 is kept out of the running sums, so that the small terms
+//                                  of a near-saturated row are not rounded away one by one against it)
+//   conf = 1 / s                  (the top softmax probability; exactly 1.0 iff 1 + rest rounds to 1, as in an
+//                                  accurately summed softmax)
+//   nll  = (mx - x_y) + log1p(rest)   (logsumexp - logit of the label; mx - x_y in float64: no overflow for
+//                                  finite logits such as 3e38 and -3e38)
+//   brier= ((1 - e_y + rest)^2 + (1 - e_y^2 + rest2)) / s^2, e_y = exp(x_y - mx)   (sum_c p_c^2 - 2 p_y + 1;
+//                                  (rest^2 + rest2) / s^2 exactly when y == pred: no cancellation)
 //   bin  = floor(conf * n_bins), computed in float64, in [0, n_bins]; slot n_bins holds conf == 1.0 exactly
 //          (the Python side folds it into the last bin, or keeps it apart for the DAC convention).
 // Rows holding a NaN or +-inf logit are counted in `nonfinite` and contribute nothing else.

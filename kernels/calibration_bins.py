@@ -17,14 +17,20 @@ Design
   memory. bf16 with even C/row strides is read as int32 words (``PAIRS``): bf16 -> f32 is then one shift or mask
   per class. Any strides work (int64 row addressing; non-unit stride_c is correct, merely uncoalesced).
 * Row statistics in float32. C <= BLOCK_C (``SINGLE_TILE``, e.g. C = 1000 with BLOCK_C = 1024): one tile per row.
-  Otherwise an online loop over column tiles keeps a running max ``mx`` (``s`` rescaled by
-  ``alpha = exp(mx_old - mx_new)``, ``s2 = sum exp(2 (x - mx))`` by ``alpha^2``) and a running first argmax
+  Otherwise an online loop over column tiles keeps a running max ``mx`` and a running first argmax ``pred``
   (lowest index inside a tile: per-thread minimum of slot constants + the lane offset, then over lanes; strict
   ``>`` across tiles, so earlier tiles win ties), so the (M, N, C) probabilities are never written.
-  Per class: convert, ``x + 0*x``, pad select, max, first-index (eq/select/min), exp (sub, mul, ex2), 2 sums.
+  The sums leave the argmax out: ``rest = sum_{c != pred} exp(x_c - mx)`` (``rest2`` of the squares), and
+  ``s = 1 + rest`` only at the end. Added to the sums, the argmax's exact 1 would round away the small terms of a
+  near-saturated row (top logit ~17-20 above C >= 10 others: each term below half an ulp of 1), giving conf ==
+  1.0 where an accurately summed softmax (float64, say) does not. When the max moves, the old max's 1
+  joins the rest: ``rest = (rest + 1) * alpha``, ``alpha = exp(mx_old - mx_new)`` (``alpha^2`` for ``rest2``).
+  Per class: convert, ``x + 0*x``, pad select, max, first-index (eq/select/min), exp (sub, mul, ex2), the
+  argmax drop (compare, select), 2 sums.
 * Non-finite logits: ``x + 0 * x`` is ``x`` for finite ``x`` and NaN for NaN/+-inf, so a non-finite row ends
-  with a NaN ``s`` (no extra reduction); such a row is excluded with ``tl.where`` everywhere (never by
-  multiplication) and counted in ``nonfinite``. Its garbage never leaves its own row.
+  with a NaN ``rest`` (no extra reduction; the dropped argmax is never the NaN); such a row is excluded with
+  ``tl.where`` everywhere (never by multiplication) and counted in ``nonfinite``. Its garbage never leaves its
+  own row.
 * Bins: ``b = int(float64(conf) * n_bins)`` clamped to [0, n_bins] (conf > 0, so truncation = floor); slot
   ``n_bins`` is conf == 1.0. ``BINS_MODE`` (chosen in ``_utils.calibration_bins_config``):
   1 (NB_PAD = next_pow2(n_bins + 1) <= 128, rows spread over >= NB_PAD / 4 lanes: large C): per-row-slot
@@ -52,8 +58,12 @@ Limits
   fall back to narrower or scalar loads: correct, several times more load instructions.
 * Accuracy: on the GPU exp/log are ``ex2.approx.ftz`` / ``lg2.approx.ftz`` (inline PTX; ``tl.exp``/``tl.log``
   under the interpreter, which cannot run PTX): exp(0) == 1 exactly and 1/s is an IEEE division, so conf == 1.0
-  exactly when every other class underflows (saturated softmax). The online rescaling can move conf by an ulp
-  versus the single-pass reference, which matters only for a row exactly on a bin edge.
+  exactly when 1 + rest rounds to 1 in float32 (saturated softmax), as in an accurately summed softmax. NLL per
+  row is ``(mx - x_y) + log1p(rest)``, the difference in float64 (no overflow for finite logits such as
+  +-3e38), log1p from a short series for rest < 1/64 (so a near-saturated row keeps its digits despite
+  ``lg2.approx``) and from the log otherwise; Brier is ``((1 - e_y + rest)^2 + (1 - e_y^2 + rest2)) / s^2``,
+  i.e. ``(rest^2 + rest2) / s^2`` when the label is the prediction (no cancellation). The online rescaling can
+  move conf by an ulp versus the single-pass reference, which matters only for a row exactly on a bin edge.
 """
 
 from __future__ import annotations
@@ -94,6 +104,18 @@ def _log(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def _log1p_rest(rest, s, inv_s, FAST: tl.constexpr):
+    """log1p(rest) for rest >= 0 in float32, given s = fl(1 + rest) and inv_s = 1 / s (once per row).
+
+    rest < 1/64: the series r - r^2/2 + r^3/3 - r^4/4 (truncation below 1.2e-8 relative), so a near-saturated
+    row's NLL (~rest) keeps its digits (lg2.approx's absolute error ~2**-22 near 1 would swamp it); else
+    log(s) + (rest - (s - 1)) / s, where s - 1 and rest - (s - 1) (the rounding error of s) are exact."""
+    small = rest * (1.0 + rest * (-0.5 + rest * (0.3333333333333333 - rest * 0.25)))
+    big = _log(s, FAST) + (rest - (s - 1.0)) * inv_s
+    return tl.where(rest < 0.015625, small, big)
+
+
+@triton.jit
 def _expand_row(v):
     """(BLOCK_N,) row vector -> (1, BLOCK_N, 1, 1), expanding in the reverse order of the row reductions (axes 3, 0,
     2 of the tile) so the compiler needs no layout conversion."""
@@ -126,9 +148,11 @@ def _load_tile(row_ptr, rmask, c0, q_idx, l_idx, v_idx, C_eff, stride_xc, W: tl.
 
 
 @triton.jit
-def _tile_update(xraw, c0, q_idx, l_idx, v_idx, C_eff, mx, s, s2, pred, W: tl.constexpr, V: tl.constexpr,
+def _tile_update(xraw, c0, q_idx, l_idx, v_idx, C_eff, mx, rest, rest2, pred, W: tl.constexpr, V: tl.constexpr,
                  BLOCK_C: tl.constexpr, FAST_EXP: tl.constexpr, PAIRS: tl.constexpr):
-    """Fold the (R, BLOCK_N, L, V) column tile starting at class c0 into the online row statistics.
+    """Fold the (R, BLOCK_N, L, V) column tile starting at class c0 into the online row statistics: running max
+    ``mx``, first argmax ``pred`` and ``rest`` / ``rest2``, the sums of exp(x - mx) and its square over every
+    class but ``pred`` (the argmax's exact 1 stays out of the sums, see the module docstring).
 
     Every row reduction goes over the in-thread axes V and R first, then over the lanes L (one shuffle tree)."""
     if PAIRS:
@@ -168,20 +192,27 @@ def _tile_update(xraw, c0, q_idx, l_idx, v_idx, C_eff, mx, s, s2, pred, W: tl.co
     k = tl.min(tl.min(cand, axis=3), axis=0)  # (BLOCK_N, L)
     first = tl.min(k + lane, axis=1)
     new_mx = tl.maximum(mx, tmax)
-    pred = tl.where(tmax > mx, c0 + first, pred)  # strict: earlier tiles win ties
-    alpha = _exp(mx - new_mx, FAST_EXP)  # 0 on the first tile (mx = -inf)
+    grows = tmax > mx  # strict: earlier tiles win ties
+    pred = tl.where(grows, c0 + first, pred)
+    alpha = _exp(mx - new_mx, FAST_EXP)  # 0 on the first tile (mx = -inf); exactly 1 when the max stays
     mx4 = _expand_row(new_mx)
-    e = _exp(xm - mx4, FAST_EXP)
+    # The tile's new max (class c0 + first) stays out of the tile sums; when the max stays, every class of the
+    # tile joins the rest (a later class equal to the max is a tie: exactly 1). In thread (q, l, v) terms: drop the
+    # slot equal to first - lane (never a slot when nothing is dropped: -1 - lane < 0).
+    slot_drop = _expand_row(tl.where(grows, first, -1)) - l_idx[None, None, :, None] * VW  # (1, BLOCK_N, L, 1)
+    e = tl.where(slot == slot_drop, 0.0, _exp(xm - mx4, FAST_EXP))
     if PAIRS:
-        e_hi = _exp(xm_hi - mx4, FAST_EXP)
+        e_hi = tl.where(slot + 1 == slot_drop, 0.0, _exp(xm_hi - mx4, FAST_EXP))
         es = e + e_hi
         es2 = e * e + e_hi * e_hi
     else:
         es = e
         es2 = e * e
-    s = s * alpha + tl.sum(tl.sum(tl.sum(es, axis=3), axis=0), axis=1)
-    s2 = s2 * (alpha * alpha) + tl.sum(tl.sum(tl.sum(es2, axis=3), axis=0), axis=1)
-    return new_mx, s, s2, pred
+    # When the max moves, the old max's 1 joins the rest: rest = (rest + 1) * alpha (0 on the first tile).
+    one = tl.where(grows, 1.0, 0.0)
+    rest = (rest + one) * alpha + tl.sum(tl.sum(tl.sum(es, axis=3), axis=0), axis=1)
+    rest2 = (rest2 + one) * (alpha * alpha) + tl.sum(tl.sum(tl.sum(es2, axis=3), axis=0), axis=1)
+    return new_mx, rest, rest2, pred
 
 
 @triton.jit
@@ -276,14 +307,14 @@ def _calibration_bins_kernel(
         row_ptr_nx = x_model + (n64_nx * (stride_xn // ROW_ALIGN)) * ROW_ALIGN
 
         mx = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
-        s = tl.zeros([BLOCK_N], dtype=tl.float32)
-        s2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        rest = tl.zeros([BLOCK_N], dtype=tl.float32)
+        rest2 = tl.zeros([BLOCK_N], dtype=tl.float32)
         pred = tl.zeros([BLOCK_N], dtype=tl.int32)
         if SINGLE_TILE:
             x_next = _load_tile(row_ptr_nx, rmask_nx, 0, q_idx, l_idx, v_idx, C_eff, stride_xc, W, V, COL_I64, PAIRS)
             y_next = tl.load(y_model + n64_nx * stride_yn, mask=rmask_nx, other=0)
-            mx, s, s2, pred = _tile_update(x_cur, 0, q_idx, l_idx, v_idx, C_eff, mx, s, s2, pred, W, V, BLOCK_C,
-                                          FAST_EXP, PAIRS)
+            mx, rest, rest2, pred = _tile_update(x_cur, 0, q_idx, l_idx, v_idx, C_eff, mx, rest, rest2, pred, W, V,
+                                                 BLOCK_C, FAST_EXP, PAIRS)
         else:
             for c0 in range(0, C, BLOCK_C):
                 # Next column tile of these rows; past the last one, the first column tile of the next row tile.
@@ -293,19 +324,25 @@ def _calibration_bins_kernel(
                 ptr_sel = x_model + (n_sel * (stride_xn // ROW_ALIGN)) * ROW_ALIGN
                 x_next = _load_tile(ptr_sel, n_sel < N, c_nx, q_idx, l_idx, v_idx, C_eff, stride_xc, W, V, COL_I64,
                                     PAIRS)
-                mx, s, s2, pred = _tile_update(x_cur, c0, q_idx, l_idx, v_idx, C_eff, mx, s, s2, pred, W, V,
-                                               BLOCK_C, FAST_EXP, PAIRS)
+                mx, rest, rest2, pred = _tile_update(x_cur, c0, q_idx, l_idx, v_idx, C_eff, mx, rest, rest2, pred, W,
+                                                     V, BLOCK_C, FAST_EXP, PAIRS)
                 x_cur = x_next
             y_next = tl.load(y_model + n64_nx * stride_yn, mask=rmask_nx, other=0)
 
-        row_ok = (s == s) & y_ok  # s is NaN iff the row held a NaN or +-inf
+        row_ok = (rest == rest) & y_ok  # rest is NaN iff the row held a NaN or +-inf
         valid = rmask & row_ok
+        s = 1.0 + rest
         conf = tl.math.div_rn(tl.full([BLOCK_N], 1.0, dtype=tl.float32), s)
-        py = _exp(xy - mx, FAST_EXP) * conf
-        nll = mx + _log(s, FAST_EXP) - xy
-        brier = s2 * conf * conf - 2.0 * py + 1.0
+        # NLL = (mx - x_y) + log1p(rest): the difference in float64 (it overflows float32 for finite logits such
+        # as 3e38 and -3e38), log1p keeps the NLL of a near-saturated row accurate.
+        nll = (mx.to(tl.float64) - xy.to(tl.float64)) + _log1p_rest(rest, s, conf, FAST_EXP).to(tl.float64)
+        # Brier = ((1 - e_y + rest)^2 + (1 - e_y^2 + rest2)) / s^2: e_y == 1 exactly for the label at the max,
+        # which leaves (rest^2 + rest2) / s^2, free of the cancellation of 1 - 2 p_y + p_y^2 near saturation.
+        ey = _exp(xy - mx, FAST_EXP)
+        u = (1.0 - ey) + rest
+        brier = (u * u + ((1.0 - ey * ey) + rest2)) * (conf * conf)
         correct = (pred == y) & valid
-        acc_nll += tl.where(valid, nll, 0.0).to(tl.float64)
+        acc_nll += tl.where(valid, nll, 0.0)
         acc_brier += tl.where(valid, brier, 0.0).to(tl.float64)
         acc_bad += (rmask & (~row_ok)).to(tl.int32)
 

@@ -7,13 +7,19 @@ float32 and a float64 numpy reference.
   conf:   per-sample confidence (atol, rtol)
   sums:   per-model sums of NLL / Brier / confidence (atol, rtol), relative to N
   metric: final metric values (ECE, NLL, ...) vs an independent float64 implementation (atol, rtol)
+  conf_near_saturated: per-sample confidence of a near-saturated row (rest = sum of the non-max terms < 1) vs
+          1 / (1 + rest) from float64: a few ulps, since rest is summed apart from the max's 1
+  tiny_sums: sums of NLL = log1p(rest) / Brier = (rest^2 + rest2) / s^2 of near-saturated rows labelled with
+          their argmax (values of 1e-18..1e-6), relative to themselves: the float32 summation error of rest
 No kernel here has a backward pass (the calibration op is a metric), so there is no gradient row.
 """
 
 import torch
 
-_F32 = {"conf": (2e-6, 2e-6), "sums": (1e-5, 1e-5), "metric": (2e-5, 1e-5)}
-_F64 = {"conf": (1e-12, 1e-12), "sums": (1e-9, 1e-10), "metric": (1e-9, 1e-9)}
+_F32 = {"conf": (2e-6, 2e-6), "sums": (1e-5, 1e-5), "metric": (2e-5, 1e-5), "conf_near_saturated": (0.0, 3e-7),
+        "tiny_sums": (0.0, 2e-5)}
+_F64 = {"conf": (1e-12, 1e-12), "sums": (1e-9, 1e-10), "metric": (1e-9, 1e-9), "conf_near_saturated": (0.0, 1e-15),
+        "tiny_sums": (0.0, 1e-12)}
 
 TOLERANCES = {
     ("calibration_bins", torch.float32): _F32,

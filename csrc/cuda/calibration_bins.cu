@@ -16,9 +16,11 @@
 //   row) and the tail (less than one vector) are loaded element by element, so any row base and any C are read
 //   in bounds and every vector load is 16-byte aligned. Other strides: scalar __ldg loads, 8 per lane per
 //   chunk. Labels: one load per row (same address for the whole group), any strides, int64 or int32.
-// * Row reduction. Each lane keeps an online state (max, first argmax, s = sum e, s2 = sum e^2 with
-//   e = exp(x - max), one exp per element), updated branch-free once per 16-byte vector (one extra exp for the
-//   rescale, exactly 1 when the max does not grow); the G states are merged with __shfl_xor_sync in log2(G)
+// * Row reduction. Each lane keeps an online state (max, first argmax, rest = sum e, rest2 = sum e^2 over the
+//   elements other than the argmax, e = exp(x - max), one exp per element; s = 1 + rest at the end, so the
+//   argmax's exact 1 never rounds away the small terms of a near-saturated row), updated branch-free once per
+//   16-byte vector (one extra exp for the rescale, exactly 1 when the max does not grow; the argmax is dropped
+//   from the sums by one compare + select per element); the G states are merged with __shfl_xor_sync in log2(G)
 //   steps (max, then lowest index on ties, so the argmax is the first one whatever the split). The label's
 //   logit is captured by the lane that loads it and fetched with one ballot + shuffle; NaN/inf is detected with
 //   a NaN-propagating max of |x| and one ballot.
@@ -180,8 +182,8 @@ __global__ void __launch_bounds__(kThreads) calibration_bins_kernel(const Params
         RowState o;
         o.mx = __shfl_xor_sync(kFull, st.mx, off);
         o.idx = __shfl_xor_sync(kFull, st.idx, off);
-        o.s = __shfl_xor_sync(kFull, st.s, off);
-        o.s2 = __shfl_xor_sync(kFull, st.s2, off);
+        o.rest = __shfl_xor_sync(kFull, st.rest, off);
+        o.rest2 = __shfl_xor_sync(kFull, st.rest2, off);
         st = cb::merge_states(st, o);
       }
       const unsigned have = __ballot_sync(kFull, acc.have) & gmask;
@@ -196,7 +198,7 @@ __global__ void __launch_bounds__(kThreads) calibration_bins_kernel(const Params
           const RowOut o = cb::finalize_row(st, xy);
           const bool correct = o.pred == y;
           const int b = cb::bin_of(o.conf, p.n_bins);
-          nll_sum += static_cast<double>(o.nll);
+          nll_sum += o.nll;
           brier_sum += static_cast<double>(o.brier);
           if (b != run_bin) {
             if (run_bin >= 0) push_run(p, direct, m, run_bin, run_cnt, run_corr, run_conf, s_count, s_correct, s_conf);

@@ -2,15 +2,19 @@
 // can be compiled by a host C++ compiler and tested on a machine without a GPU.
 //
 // One row (model m, sample n) of C logits is split among the G lanes of a lane group. Every lane folds the
-// elements it owns, in increasing class order, into a partial state (mx, idx, s, s2) with an online max:
-//   mx  = max of the lane's elements, idx = first class index holding mx,
-//   s   = sum exp(x - mx),  s2 = sum exp(x - mx)^2.
+// elements it owns, in increasing class order, into a partial state (mx, idx, rest, rest2) with an online max:
+//   mx   = max of the lane's elements, idx = first class index holding mx,
+//   rest = sum exp(x - mx) over the lane's elements except the one at idx,  rest2 = the same of exp(x - mx)^2.
+// The element at idx (exactly exp(0) = 1) is kept out of the sums: added to them, it would round away the small
+// terms of a near-saturated row one by one (each below half an ulp of 1 at gaps ~17-20), and conf = 1 / s with
+// s = 1 + rest would become exactly 1.0 where an accurately summed softmax is not. When the max moves, the old
+// max's 1 joins the rest: rest = (rest + 1) * exp(mx_old - mx_new).
 // The lanes' states are then merged (merge_states: the larger max wins, ties go to the lower class index, the
-// loser's sums are rescaled by exp(mx_lo - mx_hi) and its square). Because the winner of a merge is chosen
-// with a total order on (mx descending, idx ascending), the argmax is the first argmax of the row whatever the
-// order of the merges; the sums are equal up to float rounding. The element holding the row maximum always
-// contributes exp(0) = 1 exactly, and a state is never rescaled when it already holds the row maximum (the
-// factor is then taken as exactly 1), so a row whose other terms all underflow gets s == 1 and conf == 1.0.
+// loser's rest + 1 is rescaled by exp(mx_lo - mx_hi), rest2 + 1 by its square). Because the winner of a merge is
+// chosen with a total order on (mx descending, idx ascending), the argmax is the first argmax of the row
+// whatever the order of the merges; the sums are equal up to float rounding. A state is never rescaled when it
+// already holds the row maximum (the factor is then taken as exactly 1), so a row whose other terms all
+// underflow gets rest == 0 and conf == 1.0, and a row with k tied maxima gets rest == k - 1 exactly.
 //
 // exp: on the device the __expf algorithm, ex2.approx.ftz(x * log2(e)) (about 2 ulp plus |x| * 2^-24 relative
 // error, results below 2^-126 flushed to 0, exactly 1 at x = 0); std::exp on the host (test builds).
@@ -164,24 +168,26 @@ VLMFAST_HD float max_nan(float a, float b) {
 // Partial row state and its merge
 // ---------------------------------------------------------------------------------------------------------
 struct RowState {
-  float mx;  // running max (-inf: no element yet)
-  int idx;   // first class index holding mx (INT_MAX: none)
-  float s;   // sum of exp(x - mx)
-  float s2;  // sum of exp(x - mx)^2
+  float mx;     // running max (-inf: no element yet)
+  int idx;      // first class index holding mx (INT_MAX: none)
+  float rest;   // sum of exp(x - mx) over the elements other than idx's
+  float rest2;  // sum of exp(x - mx)^2 over the same elements
 };
 
 VLMFAST_HD RowState empty_state() { return RowState{-INFINITY, INT_MAX, 0.0f, 0.0f}; }
 
-// Merge of two partial states over disjoint element sets. Commutative in the chosen (mx, idx); the sums are
-// rescaled onto the winner's max. A state whose max equals the winner's is not rescaled (factor exactly 1),
-// and two empty states (-inf) merge without forming -inf - -inf.
+// Merge of two partial states over disjoint element sets. Commutative in the chosen (mx, idx); all of the
+// loser's elements, its own max (1) included, join the winner's rest, rescaled onto the winner's max. A state
+// whose max equals the winner's is not rescaled (factor exactly 1); an empty state adds nothing, and two empty
+// states (-inf) merge without forming -inf - -inf.
 VLMFAST_HD RowState merge_states(const RowState& a, const RowState& b) {
   const bool take_b = b.mx > a.mx || (b.mx == a.mx && b.idx < a.idx);
   RowState hi = take_b ? b : a;
   const RowState lo = take_b ? a : b;
+  const float one = lo.idx == INT_MAX ? 0.0f : 1.0f;  // lo's own max, unless lo is empty
   const float f = (lo.mx == hi.mx) ? 1.0f : exp_f(lo.mx - hi.mx);
-  hi.s = fmaf(lo.s, f, hi.s);
-  hi.s2 = fmaf(lo.s2, f * f, hi.s2);
+  hi.rest = fmaf(lo.rest + one, f, hi.rest);
+  hi.rest2 = fmaf(lo.rest2 + one, f * f, hi.rest2);
   return hi;
 }
 
@@ -244,19 +250,25 @@ VLMFAST_UNROLL
     }
   }
   // Branch-free online update (the new-max test is divergent across lanes, so a branch would rarely be skipped
-  // by a whole warp). When the max does not grow, f = exp(0) = 1 exactly; on the lane's first chunk
-  // f = exp(-inf) = 0. -inf - -inf (NaN) can only arise in a row holding -inf, which is reported as bad.
+  // by a whole warp). When the max does not grow, f = exp(0) = 1 exactly and every element of the chunk joins
+  // the rest (one equal to mx is a later tie: exactly 1). When it grows, the chunk's max element is the new
+  // max (left out of the rest) and the old max's 1 joins the rest: rest = (rest + 1) * f; on the lane's first
+  // chunk f = exp(-inf) = 0, so the empty state adds nothing. -inf - -inf (NaN) can only arise in a row
+  // holding -inf, which is reported as bad.
   const bool grows = cmax > a.st.mx;
   const float mx = grows ? cmax : a.st.mx;
   const float f = exp_f(a.st.mx - mx);
-  a.st.idx = grows ? id_base + id_t : a.st.idx;
+  const float one = grows ? 1.0f : 0.0f;
+  const int drop = grows ? id_base + id_t : -1;  // class of the new max (none when the max stays)
+  a.st.idx = grows ? drop : a.st.idx;
   a.st.mx = mx;
   float cs = 0.0f, cs2 = 0.0f;
 VLMFAST_UNROLL
   for (int j = 0; j < NU; ++j) {
 VLMFAST_UNROLL
     for (int t = 0; t < NV; ++t) {
-      const float e = exp_f(v[j][t] - mx);  // one exp per element; exactly 1 for the maximum
+      float e = exp_f(v[j][t] - mx);  // one exp per element; exactly 1 for the maximum
+      e = (c0[j] + t == drop) ? 0.0f : e;
       if (j == 0 && t == 0) {
         cs = e;
         cs2 = e * e;
@@ -266,8 +278,8 @@ VLMFAST_UNROLL
       }
     }
   }
-  a.st.s = fmaf(a.st.s, f, cs);
-  a.st.s2 = fmaf(a.st.s2, f * f, cs2);
+  a.st.rest = fmaf(a.st.rest + one, f, cs);
+  a.st.rest2 = fmaf(a.st.rest2 + one, f * f, cs2);
 }
 
 template <class Tag>
@@ -348,22 +360,29 @@ VLMFAST_UNROLL
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Row results (same formulas and float32 evaluation order as calibration_bins.cpp)
+// Row results (same formulas as calibration_bins.cpp)
 // ---------------------------------------------------------------------------------------------------------
 struct RowOut {
   float conf;
-  float nll;
+  double nll;
   float brier;
   int pred;
 };
 
+// s = 1 + rest; conf = 1 / s; nll = (mx - x_y) + log1p(rest) with the difference in float64 (it overflows
+// float32 for finite logits such as 3e38 and -3e38); Brier = sum_c p_c^2 - 2 p_y + 1
+// = ((1 - e_y + rest)^2 + (1 - e_y^2 + rest2)) / s^2 with e_y = exp(x_y - mx), exactly 1 for the label at the
+// max: then (rest^2 + rest2) / s^2, with no cancellation near saturation.
 VLMFAST_HD RowOut finalize_row(const RowState& st, float xy) {
   RowOut o;
+  const float s = 1.0f + st.rest;
+  const float ey = exp_f(xy - st.mx);
+  const float u = (1.0f - ey) + st.rest;
+  const float w = (1.0f - ey * ey) + st.rest2;
   o.pred = st.idx;
-  o.conf = 1.0f / st.s;
-  o.nll = st.mx + logf(st.s) - xy;
-  const float py = exp_f(xy - st.mx) / st.s;
-  o.brier = st.s2 / (st.s * st.s) - 2.0f * py + 1.0f;
+  o.conf = 1.0f / s;
+  o.nll = (static_cast<double>(st.mx) - static_cast<double>(xy)) + static_cast<double>(log1pf(st.rest));
+  o.brier = (u * u + w) / (s * s);
   return o;
 }
 

@@ -1,8 +1,11 @@
 // Host-only tests of the CUDA calibration_bins row math (csrc/cuda/calibration_bins_row.cuh).
-// A: merges of partial (mx, idx, s, s2) states in several split/merge orders vs a direct computation.
+// A: merges of partial (mx, idx, rest, rest2) states in several split/merge orders vs a direct computation.
 // B: an emulation of the kernel's control flow (blocks, model segments, lane groups, xor-butterfly merges,
 //    ballots, run-length cache, shared/direct accumulation) built from the same header functions, compared
 //    with calibration_bins_cpu on many shapes, dtypes, strides, misalignments, labels and NaN/inf rows.
+// C: near-saturated rows (top logit 15-25 above the rest) and extreme logits: the emulation and
+//    calibration_bins_cpu against a float64 oracle (saturation decided like an accurately summed float32
+//    softmax, conf, NLL via log1p(rest) and without float32 overflow, Brier without cancellation).
 #include <algorithm>
 #include <cassert>
 #include <cinttypes>
@@ -38,7 +41,7 @@ static int g_fail = 0;
 struct Ref {
   float mx;
   int idx;
-  double s, s2;
+  double rest, rest2;  // over every class but idx
 };
 
 static Ref direct(const std::vector<float>& x) {
@@ -48,10 +51,11 @@ static Ref direct(const std::vector<float>& x) {
       r.mx = x[c];
       r.idx = (int)c;
     }
-  for (float v : x) {
-    const double e = std::exp((double)v - (double)r.mx);
-    r.s += e;
-    r.s2 += e * e;
+  for (size_t c = 0; c < x.size(); ++c) {
+    if ((int)c == r.idx) continue;
+    const double e = std::exp((double)x[c] - (double)r.mx);
+    r.rest += e;
+    r.rest2 += e * e;
   }
   return r;
 }
@@ -98,8 +102,12 @@ static LaneAcc fold_lane(const std::vector<float>& x, const std::vector<int>& cl
 static void check_state(const RowState& st, const Ref& r, const char* what, int trial) {
   EXPECT(st.mx == r.mx, "%s trial %d: mx %g vs %g", what, trial, st.mx, r.mx);
   EXPECT(st.idx == r.idx, "%s trial %d: idx %d vs %d", what, trial, st.idx, r.idx);
-  EXPECT(std::fabs(st.s - r.s) <= 2e-6 * r.s, "%s trial %d: s %.9g vs %.9g", what, trial, st.s, r.s);
-  EXPECT(std::fabs(st.s2 - r.s2) <= 2e-6 * r.s2, "%s trial %d: s2 %.9g vs %.9g", what, trial, st.s2, r.s2);
+  // Relative to rest itself (not to 1 + rest): the point of keeping the max's 1 out of the sums. The absolute
+  // floor covers terms that underflow float32.
+  EXPECT(std::fabs(st.rest - r.rest) <= 2e-6 * r.rest + 1e-37, "%s trial %d: rest %.9g vs %.9g", what, trial,
+         st.rest, r.rest);
+  EXPECT(std::fabs(st.rest2 - r.rest2) <= 2e-6 * r.rest2 + 1e-37, "%s trial %d: rest2 %.9g vs %.9g", what, trial,
+         st.rest2, r.rest2);
 }
 
 static void test_merge() {
@@ -111,13 +119,18 @@ static void test_merge() {
     for (int c = 0; c < C; ++c) {
       if (mode == 0) x[c] = std::uniform_real_distribution<float>(-10, 10)(rng);
       else if (mode == 1) x[c] = (float)(int)(rng() % 4);  // many ties at the max
-      else if (mode == 2) x[c] = -200.0f + (float)(rng() % 3);  // saturated: one tie group far from the rest?
+      else if (mode == 2) x[c] = -200.0f + (float)(rng() % 3);  // saturated: one tie group far from the rest
       else if (mode == 3) x[c] = std::uniform_real_distribution<float>(-1e4f, 1e4f)(rng);
       else x[c] = 3.0f;  // all equal
     }
     if (mode == 2) {  // one (or a few tied) far above the rest: s must be exactly 1 (or the tie count)
       const int k = 1 + rng() % 3;
       for (int i = 0; i < k; ++i) x[rng() % C] = 100.0f;
+    }
+    if (mode == 1 && trial % 10 == 1) {  // near-saturated: the rest 15-25 below the max
+      const float top = std::uniform_real_distribution<float>(-5, 5)(rng);
+      for (int c = 0; c < C; ++c) x[c] = top - std::uniform_real_distribution<float>(15, 25)(rng);
+      x[rng() % C] = top;
     }
     const Ref r = direct(x);
     for (int L : {1, 2, 4, 8, 16, 32, 5}) {
@@ -161,20 +174,30 @@ static void test_merge() {
           if (mode == 2) {
             int ties = 0;
             for (float v : x) ties += v == r.mx;
-            EXPECT(cur[0].s == (float)ties, "saturated trial %d: s = %.9g, expected exactly %d", trial, cur[0].s, ties);
-            if (ties == 1) EXPECT(1.0f / cur[0].s == 1.0f, "saturated conf != 1");
+            EXPECT(cur[0].rest == (float)(ties - 1), "saturated trial %d: rest = %.9g, expected exactly %d", trial,
+                   cur[0].rest, ties - 1);
+            if (ties == 1) EXPECT(finalize_row(cur[0], 0.0f).conf == 1.0f, "saturated conf != 1");
           }
-          if (mode == 4) EXPECT(cur[0].s == (float)C && cur[0].idx == 0, "all-equal row: s %g idx %d", cur[0].s, cur[0].idx);
+          if (mode == 4) EXPECT(cur[0].rest == (float)(C - 1) && cur[0].idx == 0, "all-equal row: rest %g idx %d",
+                                cur[0].rest, cur[0].idx);
         }
       }
     }
   }
   // empty states
   RowState e = merge_states(empty_state(), empty_state());
-  EXPECT(e.s == 0.0f && e.s2 == 0.0f && e.mx == -INFINITY, "empty merge");
-  RowState one{2.0f, 5, 1.0f, 1.0f};
+  EXPECT(e.rest == 0.0f && e.rest2 == 0.0f && e.mx == -INFINITY && e.idx == INT_MAX, "empty merge");
+  RowState one{2.0f, 5, 0.0f, 0.0f};
   RowState m1 = merge_states(empty_state(), one), m2 = merge_states(one, empty_state());
-  EXPECT(m1.s == 1.0f && m1.idx == 5 && m2.s == 1.0f && m2.idx == 5, "empty + one");
+  EXPECT(m1.rest == 0.0f && m1.idx == 5 && m2.rest == 0.0f && m2.idx == 5, "empty + one");
+  // The old max's 1 joins the rest when a state with a larger max wins: (0 + 1) * exp(2 - 3).
+  RowState two{3.0f, 9, 0.0f, 0.0f};
+  RowState m3 = merge_states(one, two);
+  EXPECT(m3.idx == 9 && std::fabs(m3.rest - std::exp(-1.0f)) <= 1e-7f && std::fabs(m3.rest2 - std::exp(-2.0f)) <= 1e-7f,
+         "one + two: rest %g rest2 %g", m3.rest, m3.rest2);
+  // Equal maxima: the lower index wins and the other max joins the rest as exactly 1.
+  RowState m4 = merge_states(two, RowState{3.0f, 4, 0.5f, 0.25f});
+  EXPECT(m4.idx == 4 && m4.rest == 1.5f && m4.rest2 == 1.25f, "tie merge: idx %d rest %g", m4.idx, m4.rest);
   std::printf("merge tests done\n");
 }
 
@@ -536,6 +559,202 @@ static void run_case(std::mt19937& rng, DType dt, int64_t M, int64_t N, int C, i
   g_edge += near_edge;
 }
 
+// ------------------------------------------------------------------------------------------------------
+// C. near-saturated rows and extreme logits: emulation and CPU kernel vs a float64 oracle
+// ------------------------------------------------------------------------------------------------------
+static float decode(DType dt, float v) {  // the float32 value the kernels see for v stored as dt
+  if (dt == DType::Float32) return v;
+  if (dt == DType::BFloat16) return u32_as_float(static_cast<uint32_t>(f2bf(v)) << 16);
+  return fp16_to_float(f2h(v));
+}
+
+static int64_t g_oracle_rows = 0, g_oracle_saturated = 0, g_oracle_rescued = 0;
+
+// rows: N x C float values (stored as dt, then decoded for the oracle). Model 0's labels are the argmax (NLL =
+// log1p(rest), Brier = (rest^2 + rest2) / s^2: tiny values, compared relative to themselves), model 1's another
+// class. layout: 0 contiguous, 1 padded rows with a misaligned base, 3 transposed (strided path).
+static void run_oracle_case(std::mt19937& rng, DType dt, int64_t N, int C, const std::vector<float>& rows, int layout,
+                            int64_t grid, int G_override, const char* what) {
+  const int64_t M = 2;
+  const size_t es = dt == DType::Float32 ? 4 : 2;
+  int64_t xs0, xs1, xs2;
+  const int pad = 1 + (int)(rng() % 5);
+  const int64_t base_off = layout == 1 ? 1 + (int64_t)(rng() % 7) : 0;
+  if (layout == 0) { xs2 = 1; xs1 = C; xs0 = N * C; }
+  else if (layout == 1) { xs2 = 1; xs1 = C + pad; xs0 = N * (C + pad) + 3; }
+  else { xs2 = N; xs1 = 1; xs0 = N * C; }
+  const int64_t span = base_off + (M - 1) * xs0 + (N - 1) * xs1 + (int64_t)(C - 1) * xs2 + 1;
+  std::vector<uint8_t> storage((size_t)span * es);
+  void* xbase = storage.data() + base_off * es;
+  std::vector<double> xv((size_t)N * C);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n)
+      for (int c = 0; c < C; ++c) {
+        const float v = rows[n * C + c];
+        const int64_t off = m * xs0 + n * xs1 + c * xs2;
+        if (dt == DType::Float32) ((float*)xbase)[off] = v;
+        else if (dt == DType::BFloat16) ((uint16_t*)xbase)[off] = f2bf(v);
+        else ((uint16_t*)xbase)[off] = f2h(v);
+        xv[n * C + c] = decode(dt, v);
+      }
+  // float64 oracle per row
+  std::vector<int> pred(N);
+  std::vector<double> rest(N), rest2(N);
+  std::vector<float> conf32(N);
+  std::vector<int64_t> lab(M * N);
+  for (int64_t n = 0; n < N; ++n) {
+    const double* x = &xv[n * C];
+    int p = 0;
+    for (int c = 1; c < C; ++c) p = x[c] > x[p] ? c : p;
+    double r = 0, r2 = 0;
+    float naive = 1.0f;  // the max's 1 first, then every other term: what the old kernels rounded like
+    for (int c = 0; c < C; ++c) {
+      if (c == p) continue;
+      const double e = std::exp(x[c] - x[p]);
+      r += e;
+      r2 += e * e;
+      naive += (float)e;
+    }
+    pred[n] = p;
+    rest[n] = r;
+    rest2[n] = r2;
+    const float s32 = (float)(1.0 + r);  // an accurately summed float32 softmax: 1 + rest rounded once
+    conf32[n] = 1.0f / s32;
+    lab[n] = p;
+    lab[N + n] = C > 1 ? (p + 1 + (int)(rng() % (C - 1))) % C : 0;
+    ++g_oracle_rows;
+    g_oracle_saturated += s32 == 1.0f;
+    g_oracle_rescued += naive == 1.0f && s32 != 1.0f;
+  }
+  const int nb = 10;
+  Problem p{dt, xbase, M, N, C, xs0, xs1, xs2, lab.data(), true, N, 1, nb};
+  Out ref(M, N, nb), emu(M, N, nb);
+  CalibrationBinsArgs a;
+  const int64_t nb1 = nb + 1;
+  a.logits = TensorView{(uintptr_t)xbase, dt, {M, N, (int64_t)C}, {xs0, xs1, xs2}, -1};
+  a.labels = TensorView{(uintptr_t)lab.data(), DType::Int64, {M, N}, {N, 1}, -1};
+  a.n_bins = nb;
+  a.bin_count = TensorView{(uintptr_t)ref.count.data(), DType::Int64, {M, nb1}, {nb1, 1}, -1};
+  a.bin_correct = TensorView{(uintptr_t)ref.correct.data(), DType::Int64, {M, nb1}, {nb1, 1}, -1};
+  a.bin_conf = TensorView{(uintptr_t)ref.conf.data(), DType::Float64, {M, nb1}, {nb1, 1}, -1};
+  a.sums = TensorView{(uintptr_t)ref.sums.data(), DType::Float64, {M, 2}, {2, 1}, -1};
+  a.nonfinite = TensorView{(uintptr_t)ref.nonfinite.data(), DType::Int64, {M}, {1}, -1};
+  a.sample_conf = TensorView{(uintptr_t)ref.sconf.data(), DType::Float32, {M, N}, {N, 1}, -1};
+  a.sample_correct = TensorView{(uintptr_t)ref.scorr.data(), DType::Bool, {M, N}, {N, 1}, -1};
+  calibration_bins_cpu(a, 2);
+  const bool contiguous = xs2 == 1 || C == 1;
+  int G;
+  if (dt == DType::Float32) {
+    G = G_override ? G_override : contiguous ? pick_G<TagF32, true>(C) : pick_G<TagF32, false>(C);
+    if (contiguous) emulate_dispatch<TagF32, true>(p, grid, emu, G);
+    else emulate_dispatch<TagF32, false>(p, grid, emu, G);
+  } else if (dt == DType::BFloat16) {
+    G = G_override ? G_override : contiguous ? pick_G<TagBF16, true>(C) : pick_G<TagBF16, false>(C);
+    if (contiguous) emulate_dispatch<TagBF16, true>(p, grid, emu, G);
+    else emulate_dispatch<TagBF16, false>(p, grid, emu, G);
+  } else {
+    G = G_override ? G_override : contiguous ? pick_G<TagF16, true>(C) : pick_G<TagF16, false>(C);
+    if (contiguous) emulate_dispatch<TagF16, true>(p, grid, emu, G);
+    else emulate_dispatch<TagF16, false>(p, grid, emu, G);
+  }
+  for (int k = 0; k < 2; ++k) {
+    const Out& o = k == 0 ? emu : ref;
+    char tag[200];
+    std::snprintf(tag, sizeof(tag), "%s [%s] dt=%d C=%d layout=%d G=%d", what, k == 0 ? "emulation" : "cpu", (int)dt, C,
+                  layout, G);
+    for (int64_t m = 0; m < M; ++m) {
+      int64_t saturated = 0;
+      bool ambiguous = false;
+      double nll = 0, brier = 0, nll_abs = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t i = m * N + n;
+        const int64_t y = lab[i];
+        const double* x = &xv[n * C];
+        const double s = 1.0 + rest[n];
+        const double ey = y == pred[n] ? 1.0 : std::exp(x[y] - x[pred[n]]);
+        const double row_nll = (x[pred[n]] - x[y]) + std::log1p(rest[n]);
+        nll += row_nll;
+        nll_abs += std::fabs(row_nll);
+        brier += y == pred[n] ? (rest[n] * rest[n] + rest2[n]) / (s * s) : (1.0 + rest2[n]) / (s * s) - 2.0 * ey / s + 1.0;
+        // 1 + rest rounds to 1 in float32 iff rest <= 2^-24: undecidable within the kernels' rest error.
+        const bool near = std::fabs(rest[n] - 0x1p-24) <= 1e-4 * 0x1p-24;
+        ambiguous |= near;
+        saturated += conf32[n] == 1.0f;
+        EXPECT(o.scorr[i] == (y == pred[n]), "%s: correct[%" PRId64 "]", tag, i);
+        if (!near) {
+          EXPECT((o.sconf[i] == 1.0f) == (conf32[n] == 1.0f), "%s: row %" PRId64 " rest %.6g: conf %.9g, oracle %.9g", tag,
+                 n, rest[n], o.sconf[i], conf32[n]);
+        }
+        // A few ulps while rest is small; with a tied max (rest >= 1) the float32 summation error of up to C
+        // terms against a sum >= 2, as in any float32 softmax.
+        const float ctol = rest[n] < 0.5 ? 4e-7f : 4e-6f;
+        EXPECT(std::fabs(o.sconf[i] - conf32[n]) <= ctol * conf32[n], "%s: row %" PRId64 " conf %.9g vs %.9g", tag, n,
+               o.sconf[i], conf32[n]);
+      }
+      EXPECT(o.nonfinite[m] == 0, "%s: nonfinite", tag);
+      if (!ambiguous) {
+        EXPECT(o.count[m * nb1 + nb] == saturated, "%s: model %" PRId64 " saturated %" PRId64 " vs oracle %" PRId64, tag, m,
+               o.count[m * nb1 + nb], saturated);
+      }
+      // model 0: NLL = sum log1p(rest), Brier = sum (rest^2 + rest2) / s^2, relative to themselves
+      const double nll_tol = (m == 0 ? 2e-5 : 1e-6) * nll_abs + 1e-30;
+      EXPECT(std::isfinite(o.sums[2 * m]) && std::fabs(o.sums[2 * m] - nll) <= nll_tol, "%s: model %" PRId64
+             " nll %.12g vs %.12g", tag, m, o.sums[2 * m], nll);
+      const double brier_tol = (m == 0 ? 1e-4 * std::fabs(brier) : 1e-6 * N) + 1e-30;
+      EXPECT(std::fabs(o.sums[2 * m + 1] - brier) <= brier_tol, "%s: model %" PRId64 " brier %.12g vs %.12g", tag, m,
+             o.sums[2 * m + 1], brier);
+    }
+  }
+}
+
+static void test_saturation_and_extremes(std::mt19937& rng) {
+  const DType dts[3] = {DType::Float32, DType::Float16, DType::BFloat16};
+  const int Gs[5] = {0, 4, 8, 16, 32};
+  for (DType dt : dts)
+    for (int C : {10, 100, 1000, 13}) {
+      // Near-saturated: the top logit 15-25 above the rest, in the first / last / middle column, next to a
+      // vector or lane-group boundary, or anywhere; some rows with a tied top.
+      const int64_t N = 60;
+      std::vector<float> rows((size_t)N * C);
+      for (int64_t n = 0; n < N; ++n) {
+        const float top = std::uniform_real_distribution<float>(-8.0f, 8.0f)(rng);
+        const float gap = std::uniform_real_distribution<float>(15.0f, 25.0f)(rng);
+        for (int c = 0; c < C; ++c) rows[n * C + c] = top - gap + std::uniform_real_distribution<float>(-0.3f, 0.3f)(rng);
+        const int spots[8] = {0, C - 1, C / 2, 1, C - 2, 7, 8 * (1 + (int)(rng() % 4)) % C, (int)(rng() % C)};
+        rows[n * C + spots[n % 8]] = top;
+        if (n % 11 == 5) rows[n * C + (spots[n % 8] + 1 + (int)(rng() % (C - 1))) % C] = top;  // a tie
+      }
+      for (int layout : {0, 1, 3})
+        run_oracle_case(rng, dt, N, C, rows, layout, 1 + rng() % 5, Gs[rng() % 5], "near-saturated");
+      // Extremes: +-FLT_MAX (bf16: +-3.39e38 after truncation, fp16: +-65504), +-3e38, 0 and ordinary values.
+      std::vector<float> ext((size_t)N * C);
+      const float bigs[2] = {FLT_MAX, 3e38f};
+      for (int64_t n = 0; n < N; ++n) {
+        const float big = bigs[n % 2];
+        for (int c = 0; c < C; ++c) {
+          const int kind = (int)(rng() % 4);
+          ext[n * C + c] = kind == 0 ? -big : kind == 1 ? 0.0f : kind == 2 ? -big / 2 : std::normal_distribution<float>(0.f, 3.f)(rng);
+        }
+        const int top = n % 3 == 0 ? 0 : n % 3 == 1 ? C - 1 : (int)(rng() % C);
+        ext[n * C + top] = n % 5 == 4 ? 0.5f * big : big;
+        if (n % 7 == 3) {
+          for (int c = 0; c < C; ++c) ext[n * C + c] = -big;  // every logit at the bottom: conf 1/C
+        }
+      }
+      for (int layout : {0, 1, 3}) run_oracle_case(rng, dt, N, C, ext, layout, 1 + rng() % 5, Gs[rng() % 5], "extremes");
+    }
+  // The classic case of issue 8: [3e38, -3e38, 0] (NLL 6e38 for label 1) and its mirror images.
+  for (DType dt : dts) {
+    const std::vector<float> r = {3e38f, -3e38f, 0.0f, -3e38f, 0.0f, 3e38f, 0.0f, 3e38f, -3e38f};
+    run_oracle_case(rng, dt, 3, 3, r, 0, 1, 0, "issue 8");
+  }
+  EXPECT(g_oracle_saturated > 0 && g_oracle_saturated < g_oracle_rows, "oracle coverage: %" PRId64 " of %" PRId64
+         " saturated", g_oracle_saturated, g_oracle_rows);
+  EXPECT(g_oracle_rescued > 0, "no row that summing the max's 1 first would saturate");
+  std::printf("saturation/extremes rows: %" PRId64 " (saturated %" PRId64 ", saturated only by a naive sum %" PRId64 ")\n",
+              g_oracle_rows, g_oracle_saturated, g_oracle_rescued);
+}
+
 int main() {
   test_merge();
   std::mt19937 rng(42);
@@ -565,6 +784,7 @@ int main() {
     const DType dt = dts[i % 3];
     run_case(rng, dt, 3, 2000, 1000 + (int)(rng() % 3), i % 2 ? 1 : 0, true, false, 15, 0, 1, 0, 5, 0);
   }
+  test_saturation_and_extremes(rng);
   std::printf("cases: %d, segments: shared %" PRId64 ", direct %" PRId64 "\n", g_cases, g_shared_segments, g_direct_segments);
   std::printf("samples whose bin differs (conf at a bin edge, bins not compared): %" PRId64 "\n", g_edge);
   std::printf("%s: %d failures\n", g_fail ? "FAILED" : "OK", g_fail);

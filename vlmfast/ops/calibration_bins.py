@@ -179,19 +179,30 @@ def raise_invalid(logits: torch.Tensor, labels: torch.Tensor, invalid: torch.Ten
 
 
 def _row_stats_ref(x: torch.Tensor, y: torch.Tensor):
-    """Per-row statistics for logits ``x (..., C)`` and labels ``y (...)``, computed in float32 (float64 stays)."""
+    """Per-row statistics for logits ``x (..., C)`` and labels ``y (...)``, computed in float32 (float64 stays).
+
+    The softmax sum is ``s = 1 + rest`` with ``rest`` the sum of ``exp(x_c - max)`` over every class but the
+    argmax, so that ``conf = 1 / s`` rounds like an accurately summed softmax (float64, say) on
+    near-saturated rows, whose small terms would each round away against the argmax's 1. NLL is
+    ``(max - x_y) + log1p(rest)`` with the difference in float64 (it overflows float32 for finite logits such as
+    3e38 and -3e38); Brier ``sum_c p_c^2 - 2 p_y + 1`` is ``((1 - e_y + rest)^2 + (1 - e_y^2 + rest2)) / s^2``
+    with ``e_y = exp(x_y - max)``, which is ``(rest^2 + rest2) / s^2`` exactly when the label is the argmax
+    (``e_y == 1``): no cancellation near saturation. Every backend computes these same formulas.
+    """
     xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     finite = torch.isfinite(xf).all(dim=-1)
     xf = torch.where(finite.unsqueeze(-1), xf, torch.zeros((), dtype=xf.dtype, device=xf.device))
     pred = xf.argmax(dim=-1)
     mx = xf.gather(-1, pred.unsqueeze(-1)).squeeze(-1)
-    e = torch.exp(xf - mx.unsqueeze(-1))
-    s = e.sum(dim=-1)
-    s2 = (e * e).sum(dim=-1)
+    e = torch.exp(xf - mx.unsqueeze(-1)).scatter_(-1, pred.unsqueeze(-1), 0.0)  # the argmax's 1 left out
+    rest = e.sum(dim=-1)
+    rest2 = (e * e).sum(dim=-1)
+    s = 1.0 + rest
     xy = xf.gather(-1, y.unsqueeze(-1).long()).squeeze(-1)
     conf = 1.0 / s
-    nll = mx + torch.log(s) - xy
-    brier = s2 / (s * s) - 2.0 * torch.exp(xy - mx) / s + 1.0
+    nll = (mx.double() - xy.double()) + torch.log1p(rest).double()
+    ey = torch.exp(xy - mx)  # exactly 1 for the argmax
+    brier = (((1.0 - ey) + rest).square() + ((1.0 - ey * ey) + rest2)) / (s * s)
     return conf, pred, nll, brier, finite
 
 
