@@ -88,8 +88,10 @@ def test_make_targets_install_the_pinned_stack_and_every_extra(tmp_path, target,
     """`make demo` and `make test` (dry run, into a venv that does not exist) create the venv, install the pinned
     torch pair, then the package with [all] and [test] in place, then run."""
     venv = tmp_path / "venv"
-    out = subprocess.run(["make", "-n", "-B", target, f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
+    # Under `make test` the parent make's variables would make this one print "Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    out = subprocess.run(["make", "--no-print-directory", "-n", "-B", target, f"VENV={venv}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert f"-m venv {venv}" in lines[0]
