@@ -215,7 +215,6 @@ register_backend(Backend("torch", "torch reference implementation (runs anywhere
 
 #: The built-in backends (the registry may hold more: see :func:`list_backends`).
 BACKENDS: tuple[str, ...] = ("triton", "cuda", "cpp", "torch")
-BACKEND_DESCRIPTIONS = {name: _BACKENDS[name].description for name in BACKENDS}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -237,10 +236,6 @@ class OpImpl:
     check: Callable[..., list[str]] = _no_reasons
     module: str | None = None  # imported lazily; its import error becomes a reason
     backward: Callable[..., Any] | None = None
-
-    @property
-    def fn(self) -> Callable[..., Any]:  # the forward, under its older name
-        return self.forward
 
 
 @dataclass

@@ -214,6 +214,17 @@ struct Out {
         scorr(M * N) {}
 };
 
+// Points the CPU kernel's output views at an Out's buffers (M models, N samples, nb1 = n_bins + 1 slots).
+static void bind_outputs(CalibrationBinsArgs& a, Out& ref, int64_t M, int64_t N, int64_t nb1) {
+  a.bin_count = TensorView{(uintptr_t)ref.count.data(), DType::Int64, {M, nb1}, {nb1, 1}, -1};
+  a.bin_correct = TensorView{(uintptr_t)ref.correct.data(), DType::Int64, {M, nb1}, {nb1, 1}, -1};
+  a.bin_conf = TensorView{(uintptr_t)ref.conf.data(), DType::Float64, {M, nb1}, {nb1, 1}, -1};
+  a.sums = TensorView{(uintptr_t)ref.sums.data(), DType::Float64, {M, 2}, {2, 1}, -1};
+  a.nonfinite = TensorView{(uintptr_t)ref.nonfinite.data(), DType::Int64, {M}, {1}, -1};
+  a.sample_conf = TensorView{(uintptr_t)ref.sconf.data(), DType::Float32, {M, N}, {N, 1}, -1};
+  a.sample_correct = TensorView{(uintptr_t)ref.scorr.data(), DType::Bool, {M, N}, {N, 1}, -1};
+}
+
 struct Problem {
   DType dt;
   const void* x;
@@ -491,13 +502,7 @@ static void run_case(std::mt19937& rng, DType dt, int64_t M, int64_t N, int C, i
   a.labels = TensorView{(uintptr_t)p.lab, lab64 ? DType::Int64 : DType::Int32, {M, N}, {ls0, ls1}, -1};
   a.n_bins = nb;
   const int64_t nb1 = nb + 1;
-  a.bin_count = TensorView{(uintptr_t)ref.count.data(), DType::Int64, {M, nb1}, {nb1, 1}, -1};
-  a.bin_correct = TensorView{(uintptr_t)ref.correct.data(), DType::Int64, {M, nb1}, {nb1, 1}, -1};
-  a.bin_conf = TensorView{(uintptr_t)ref.conf.data(), DType::Float64, {M, nb1}, {nb1, 1}, -1};
-  a.sums = TensorView{(uintptr_t)ref.sums.data(), DType::Float64, {M, 2}, {2, 1}, -1};
-  a.nonfinite = TensorView{(uintptr_t)ref.nonfinite.data(), DType::Int64, {M}, {1}, -1};
-  a.sample_conf = TensorView{(uintptr_t)ref.sconf.data(), DType::Float32, {M, N}, {N, 1}, -1};
-  a.sample_correct = TensorView{(uintptr_t)ref.scorr.data(), DType::Bool, {M, N}, {N, 1}, -1};
+  bind_outputs(a, ref, M, N, nb1);
   calibration_bins_cpu(a, 2);
 
   // emulation
@@ -634,13 +639,7 @@ static void run_oracle_case(std::mt19937& rng, DType dt, int64_t N, int C, const
   a.logits = TensorView{(uintptr_t)xbase, dt, {M, N, (int64_t)C}, {xs0, xs1, xs2}, -1};
   a.labels = TensorView{(uintptr_t)lab.data(), DType::Int64, {M, N}, {N, 1}, -1};
   a.n_bins = nb;
-  a.bin_count = TensorView{(uintptr_t)ref.count.data(), DType::Int64, {M, nb1}, {nb1, 1}, -1};
-  a.bin_correct = TensorView{(uintptr_t)ref.correct.data(), DType::Int64, {M, nb1}, {nb1, 1}, -1};
-  a.bin_conf = TensorView{(uintptr_t)ref.conf.data(), DType::Float64, {M, nb1}, {nb1, 1}, -1};
-  a.sums = TensorView{(uintptr_t)ref.sums.data(), DType::Float64, {M, 2}, {2, 1}, -1};
-  a.nonfinite = TensorView{(uintptr_t)ref.nonfinite.data(), DType::Int64, {M}, {1}, -1};
-  a.sample_conf = TensorView{(uintptr_t)ref.sconf.data(), DType::Float32, {M, N}, {N, 1}, -1};
-  a.sample_correct = TensorView{(uintptr_t)ref.scorr.data(), DType::Bool, {M, N}, {N, 1}, -1};
+  bind_outputs(a, ref, M, N, nb1);
   calibration_bins_cpu(a, 2);
   const bool contiguous = xs2 == 1 || C == 1;
   int G;

@@ -1,6 +1,6 @@
 """Binning helpers of the calibration metrics: group sums, bin gaps and errors, quantile (DAC) bins, and the
-equal-mass rule. Pure torch on ``(..., N)`` tensors; the heavy step (sorting for equal-mass bins) is the op
-:mod:`vlmfast.ops.equal_mass_bins`."""
+equal-mass rule. Pure torch on ``(..., N)`` tensors, importing nothing else of vlmfast; the heavy step (sorting for
+equal-mass bins) is the op :mod:`vlmfast.ops.equal_mass_bins`, whose reference uses these helpers."""
 
 from __future__ import annotations
 
@@ -8,10 +8,17 @@ import math
 
 import torch
 
-from vlmfast.ops.equal_mass_bins import equal_mass_ids
-
 __all__ = ["binned_errors", "equal_mass_ids", "gaps", "group_sums", "percentile_linear", "quantile_bins",
            "weighted_error"]
+
+
+def equal_mass_ids(N: int, n_bins: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Group id of each position of a sorted length-``N`` vector cut into ``n_bins`` contiguous groups whose sizes
+    differ by at most one, the first ``N mod n_bins`` larger (``torch.tensor_split`` semantics)."""
+    q, r = divmod(N, n_bins)
+    pos = torch.arange(N, device=device)
+    big = r * (q + 1)
+    return torch.where(pos < big, pos // (q + 1), r + (pos - big) // max(q, 1))
 
 
 def group_sums(key: torch.Tensor, correct: torch.Tensor, conf: torch.Tensor, size: int):

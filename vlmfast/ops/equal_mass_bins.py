@@ -3,8 +3,8 @@
 Input: the ``(M, N)`` confidences and correctness that :func:`vlmfast.ops.calibration_bins.calibration_bins`
 returns with ``return_samples=True``. Per model the confidences are sorted ascending, **stably** (ties keep sample
 order), and cut into ``n_bins`` contiguous groups whose sizes differ by at most one, the first ``N mod n_bins``
-larger (:func:`equal_mass_ids`, the ``torch.tensor_split`` rule). Output per group: the count, the number correct
-and the sum of confidences, each ``(M, n_bins)`` (int64, int64, float64).
+larger (:func:`vlmfast.metrics.binning.equal_mass_ids`, the ``torch.tensor_split`` rule). Output per group: the
+count, the number correct and the sum of confidences, each ``(M, n_bins)`` (int64, int64, float64).
 
 The sort dominates ACE. Backends: ``cpp`` (``csrc/equal_mass_bins.cpp``: LSD radix sort of the float bits, OpenMP
 over models, a few times faster than ``torch.sort``) and ``torch`` (:func:`equal_mass_bins_ref`: ``torch.sort``,
@@ -31,23 +31,6 @@ def _probe(device: str) -> dict[str, Any]:
 
 
 _dispatch.define_op(OP, device_arg="confidence", probe=_probe, module=__name__)
-
-
-def equal_mass_ids(N: int, n_bins: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Group id of each position of a sorted length-``N`` vector cut into ``n_bins`` contiguous groups whose sizes
-    differ by at most one, the first ``N mod n_bins`` larger (``torch.tensor_split`` semantics)."""
-    q, r = divmod(N, n_bins)
-    pos = torch.arange(N, device=device)
-    big = r * (q + 1)
-    return torch.where(pos < big, pos // (q + 1), r + (pos - big) // max(q, 1))
-
-
-def _scatter_sums(key: Tensor, correct: Tensor, conf: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
-    shape = (*key.shape[:-1], size)
-    count = torch.zeros(shape, dtype=torch.int64, device=key.device).scatter_add_(-1, key, torch.ones_like(key))
-    n_correct = torch.zeros_like(count).scatter_add_(-1, key, correct.long())
-    conf_sum = torch.zeros(shape, dtype=torch.float64, device=key.device).scatter_add_(-1, key, conf.double())
-    return count, n_correct, conf_sum
 
 
 def _check_inputs(confidence: Any, correct: Any, n_bins: Any) -> tuple[Tensor, Tensor, int]:
@@ -77,10 +60,13 @@ def _check_inputs(confidence: Any, correct: Any, n_bins: Any) -> tuple[Tensor, T
 
 @_dispatch.register(OP, "torch")
 def _equal_mass_bins_torch(confidence: Tensor, correct: Tensor, n_bins: int):
+    # imported here: vlmfast.metrics imports this module, so a top-level import would be circular
+    from vlmfast.metrics.binning import equal_mass_ids, group_sums
+
     M, N = confidence.shape
     sorted_conf, order = torch.sort(confidence, dim=1, stable=True)
     bid = equal_mass_ids(N, n_bins, confidence.device).unsqueeze(0).expand(M, N)
-    return _scatter_sums(bid, correct.gather(1, order), sorted_conf, n_bins)
+    return group_sums(bid, correct.gather(1, order), sorted_conf, n_bins)
 
 
 def _check_cpp(confidence: Tensor, **_) -> list[str]:
