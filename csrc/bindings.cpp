@@ -10,6 +10,7 @@
 
 #include "calibration_bins.h"
 #include "equal_mass_bins.h"
+#include "prompt_logits.h"
 #include "tensor.h"
 #include "vlmfast_build_config.h"
 
@@ -88,7 +89,7 @@ py::dict build_info() {
   d["cuda_version"] = py::none();
   d["cuda_archs"] = py::none();
 #endif
-  d["ops"] = py::make_tuple("calibration_bins", "equal_mass_bins");
+  d["ops"] = py::make_tuple("calibration_bins", "equal_mass_bins", "prompt_logits");
   return d;
 }
 
@@ -131,6 +132,34 @@ PYBIND11_MODULE(_C, m) {
       py::arg("conf"), py::arg("correct"), py::arg("n_bins"), py::arg("count"), py::arg("n_correct"),
       py::arg("conf_sum"), py::arg("num_threads") = 0,
       "Equal-mass (ACE) bins of (M, N) confidences: stable radix sort per model, groups as torch.tensor_split.");
+
+  m.def(
+      "prompt_logits_rows_fwd",
+      [](const py::object& z, const py::object& labels, double label_smoothing, int64_t ignore_index,
+         const py::object& loss, const py::object& lse, const py::object& conf, const py::object& pred,
+         int num_threads) {
+        const TensorView zv = to_view(z, "z"), yv = to_view(labels, "labels");
+        const TensorView o1 = to_view(loss, "loss"), o2 = to_view(lse, "lse"), o3 = to_view(conf, "conf"),
+                         o4 = to_view(pred, "pred");
+        py::gil_scoped_release nogil;
+        vlmfast::prompt_logits_rows_fwd_cpu(zv, yv, label_smoothing, ignore_index, o1, o2, o3, o4, num_threads);
+      },
+      py::arg("z"), py::arg("labels"), py::arg("label_smoothing"), py::arg("ignore_index"), py::arg("loss"),
+      py::arg("lse"), py::arg("conf"), py::arg("pred"), py::arg("num_threads") = 0,
+      "prompt_logits forward rows of (R, C) float32 CPU logits: loss, lse, conf, pred (see prompt_logits.h).");
+
+  m.def(
+      "prompt_logits_rows_bwd",
+      [](const py::object& z, const py::object& lse, const py::object& labels, const py::object& grad,
+         double label_smoothing, int64_t ignore_index, int num_threads) {
+        const TensorView zv = to_view(z, "z"), lv = to_view(lse, "lse"), yv = to_view(labels, "labels"),
+                         gv = to_view(grad, "grad");
+        py::gil_scoped_release nogil;
+        vlmfast::prompt_logits_rows_bwd_cpu(zv, lv, yv, gv, label_smoothing, ignore_index, num_threads);
+      },
+      py::arg("z"), py::arg("lse"), py::arg("labels"), py::arg("grad"), py::arg("label_smoothing"),
+      py::arg("ignore_index"), py::arg("num_threads") = 0,
+      "prompt_logits backward rows: overwrites z IN PLACE with dz (see prompt_logits.h).");
 
   m.def(
       "calibration_bins_cuda",

@@ -11,7 +11,12 @@ float32 and a float64 numpy reference.
           1 / (1 + rest) from float64: a few ulps, since rest is summed apart from the max's 1
   tiny_sums: sums of NLL = log1p(rest) / Brier = (rest^2 + rest2) / s^2 of near-saturated rows labelled with
           their argmax (values of 1e-18..1e-6), relative to themselves: the float32 summation error of rest
-No kernel here has a backward pass (the calibration op is a metric), so there is no gradient row.
+prompt_logits computes in float32 from upcast inputs and is compared with autograd through F.normalize /
+F.cross_entropy on the same upcast inputs (tests/test_prompt_logits.py):
+  loss:   the per-row or reduced loss (atol, rtol)
+  stats:  lse and confidence (atol, rtol)
+  grad:   dx, dw (returned in the input dtype: float16/bfloat16 add their own rounding, about 2**-11 / 2**-8
+          relative) and dscale, relative to the largest entry of the reference gradient (atol is scaled by it)
 """
 
 import torch
@@ -21,7 +26,12 @@ _F32 = {"conf": (2e-6, 2e-6), "sums": (1e-5, 1e-5), "metric": (2e-5, 1e-5), "con
 _F64 = {"conf": (1e-12, 1e-12), "sums": (1e-9, 1e-10), "metric": (1e-9, 1e-9), "conf_near_saturated": (0.0, 1e-15),
         "tiny_sums": (0.0, 1e-12)}
 
+_PL_F32 = {"loss": (2e-5, 2e-5), "stats": (2e-5, 2e-5), "grad": (2e-5, 1e-4)}
+
 TOLERANCES = {
+    ("prompt_logits", torch.float32): _PL_F32,
+    ("prompt_logits", torch.float16): {**_PL_F32, "grad": (1e-3, 2e-3)},
+    ("prompt_logits", torch.bfloat16): {**_PL_F32, "grad": (8e-3, 1.6e-2)},
     ("calibration_bins", torch.float32): _F32,
     ("calibration_bins", torch.float16): _F32,
     ("calibration_bins", torch.bfloat16): _F32,

@@ -9,7 +9,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", ["bench_calibration.py", "bench_text.py", "bench_equal_mass_bins.py"])
+@pytest.mark.parametrize("script", ["bench_calibration.py", "bench_text.py", "bench_equal_mass_bins.py",
+                                    "bench_prompt_logits.py"])
 def test_bench_script_quick(script, tmp_path):
     before = (ROOT / "benchmarks" / "results.csv").read_bytes() if (ROOT / "benchmarks" / "results.csv").exists() else b""
     out = subprocess.run(

@@ -3,5 +3,13 @@
 
 from vlmfast.ops.calibration_bins import CalibrationBins, calibration_bins, calibration_bins_ref
 from vlmfast.ops.equal_mass_bins import equal_mass_bins, equal_mass_bins_ref
+from vlmfast.ops.prompt_logits import (
+    PromptLogitsLoss,
+    PromptLogitsOutput,
+    prompt_logits,
+    prompt_logits_loss,
+    prompt_logits_ref,
+)
 
-__all__ = ["CalibrationBins", "calibration_bins", "calibration_bins_ref", "equal_mass_bins", "equal_mass_bins_ref"]
+__all__ = ["CalibrationBins", "calibration_bins", "calibration_bins_ref", "equal_mass_bins", "equal_mass_bins_ref",
+           "PromptLogitsLoss", "PromptLogitsOutput", "prompt_logits", "prompt_logits_loss", "prompt_logits_ref"]

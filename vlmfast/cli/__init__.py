@@ -3,8 +3,9 @@
     vlmfast info [--json] [--backend B]     what this installation can run (backends, build, GPU)
     vlmfast calibration LOGITS [...]        calibration metrics of saved logits: a table, JSON and a PNG
     vlmfast demo [--out DIR]                the offline demo audit (``make demo``)
+    vlmfast finetune --method M [--dor]     prompt tuning on the digits, base-to-new accuracy + calibration
 
-Options are parsed once, here; each command module (``info``, ``calibration``, ``demo``) adds its subparser
+Options are parsed once, here; each command module (``info``, ``calibration``, ``demo``, ``finetune``) adds its subparser
 and a ``run(args) -> int``. Every user error — bad options, unreadable files, invalid input, a forced backend
 that cannot run, a missing extra — is one line on stderr, ``vlmfast <command>: error: ...``, and exit status 2.
 A closed stdout (``vlmfast calibration run.npz | head -1``) ends the command quietly with status 0.
@@ -20,6 +21,7 @@ from typing import NoReturn
 
 from vlmfast.cli import calibration as _calibration
 from vlmfast.cli import demo as _demo
+from vlmfast.cli import finetune as _finetune
 from vlmfast.cli import info as _info
 
 #: What counts as a user error (one line, exit 2); anything else is a bug and keeps its traceback.
@@ -45,10 +47,11 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="vlmfast", description="Fast fine-tuning and auditing of CLIP-style vision-language models.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{info,calibration,demo}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{info,calibration,demo,finetune}")
     _info.add_parser(sub)
     _calibration.add_parser(sub)
     _demo.add_parser(sub)
+    _finetune.add_parser(sub)
     return ap
 
 

@@ -421,3 +421,134 @@ class CalibrationError:
             f"CalibrationError(n_bins={self.n_bins}, binning={self.binning!r}, convention={self.convention!r}, "
             f"per_batch={self.per_batch}, store_samples={self.store_samples}, n_samples={self.n_samples})"
         )
+
+
+def _heads_inputs(image_features: Any, head_weights: Any, logit_scale: Any, labels: Any):
+    """Validate :func:`calibration_from_features` inputs (metadata only); returns ``(x (M|1, N, D), w (M, C, D),
+    s (M,), labels (N,), squeezed)``."""
+    from vlmfast.ops.calibration_bins import as_tensor
+
+    x = as_tensor(image_features, "image_features")
+    w = as_tensor(head_weights, "head_weights")
+    for name, t in (("image_features", x), ("head_weights", w)):
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(f"{name}: expected a float tensor, got {t.dtype}")
+    squeezed = w.dim() == 2
+    if squeezed:
+        w = w.unsqueeze(0)
+    if w.dim() != 3:
+        raise ValueError(f"head_weights: expected shape (C, D) or (M, C, D), got {tuple(w.shape)}")
+    M, C, D = w.shape
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
+    if x.dim() != 3 or x.shape[0] not in (1, M) or x.shape[2] != D:
+        raise ValueError(f"image_features: expected shape (N, {D}) or ({M}, N, {D}) for head_weights "
+                         f"{tuple(w.shape)}, got {tuple(image_features.shape)}")
+    if x.device != w.device:
+        raise ValueError(f"head_weights: expected on the image features' device {x.device}, got {w.device}")
+    N = x.shape[1]
+    if M == 0 or N == 0 or C == 0 or D == 0:
+        raise ValueError(f"image_features/head_weights: expected M, N, C, D >= 1, got M = {M}, N = {N}, C = {C}, "
+                         f"D = {D}")
+    s = as_tensor(logit_scale, "logit_scale")
+    if not s.is_floating_point():
+        raise TypeError(f"logit_scale: expected float multipliers, got {s.dtype}")
+    s = s.to(device=x.device, dtype=torch.float32).reshape(-1)
+    if s.numel() == 1:
+        s = s.expand(M)
+    if s.numel() != M:
+        raise ValueError(f"logit_scale: expected a scalar or shape ({M},) (one multiplier per head), got "
+                         f"{tuple(torch.as_tensor(logit_scale).shape)}")
+    y = as_tensor(labels, "labels")
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        raise TypeError(f"labels: expected an integer tensor, got {y.dtype}")
+    if tuple(y.shape) != (N,):
+        raise ValueError(f"labels: expected shape ({N},) to match image_features, got {tuple(y.shape)}")
+    if y.device != x.device:
+        raise ValueError(f"labels: expected on the features' device {x.device}, got {y.device}")
+    return x, w, s, y, squeezed
+
+
+def calibration_from_features(
+    image_features: Any,
+    head_weights: Any,
+    logit_scale: Any,
+    labels: Any,
+    n_bins: int = 15,
+    *,
+    binning: str = "width",
+    convention: str = "standard",
+    per_batch: int | None = None,
+    backend: str | None = None,
+    validate_args: bool = True,
+    chunk_elems: int = 1 << 22,
+) -> CalibrationResult:
+    """Calibration of M classifier heads on one backbone straight from features: the :func:`calibration` of the
+    logits ``logit_scale[m] * normalize(image_features) @ normalize(head_weights[m]).T`` without the
+    ``(M, N, C)`` logits ever existing.
+
+    Args:
+        image_features: ``(N, D)`` shared by all heads (one backbone), or ``(M, N, D)``; unnormalized.
+        head_weights: ``(M, C, D)`` class text features of M heads (e.g. M prompt-tuned learners), or ``(C, D)``
+            for one head (the result then has no model dimension); unnormalized.
+        logit_scale: ``(M,)`` multipliers (``model.logit_scale.exp()``), or one for all.
+        labels: ``(N,)`` class ids.
+        n_bins, binning, convention, per_batch, backend, validate_args: as :func:`calibration` (``backend``
+            chooses the calibration pass's backend).
+        chunk_elems: the largest logits block held at once (heads x rows x C); peak extra memory is about
+            ``4 * chunk_elems`` bytes plus the per-sample confidence/correctness ``(M, N)``.
+
+    The features are normalized once (float32; float64 stays float64); the logits are produced block by block by
+    a batched GEMM and go straight into the ``calibration_bins`` pass; the sums are merged exactly and the
+    per-sample statistics concatenated, so the result equals :func:`calibration` on the materialised logits to
+    float32 rounding of the GEMM.
+    """
+    n_bins = _validate_options(n_bins, binning, convention, per_batch)
+    if isinstance(chunk_elems, bool) or not isinstance(chunk_elems, int) or chunk_elems < 1:
+        raise ValueError(f"chunk_elems: expected an int >= 1, got {chunk_elems!r}")
+    x, w, s, y, squeezed = _heads_inputs(image_features, head_weights, logit_scale, labels)
+    M, C, D = w.shape
+    N = x.shape[1]
+    dt = torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
+    xn = torch.nn.functional.normalize(x.to(dt), dim=-1)
+    wn = torch.nn.functional.normalize(w.to(dt), dim=-1)
+    shared = xn.shape[0] == 1
+    per_head = N * C
+    if per_head <= chunk_elems:
+        heads, rows = max(1, min(M, chunk_elems // per_head)), N
+    else:
+        heads, rows = 1, max(1, chunk_elems // C)
+    y2 = y.to(torch.int64)
+    parts: list[_State] = []
+    for h0 in range(0, M, heads):
+        h1 = min(M, h0 + heads)
+        state: _State | None = None
+        for r0 in range(0, N, rows):
+            r1 = min(N, r0 + rows)
+            xs = xn[:, r0:r1].expand(h1 - h0, -1, -1) if shared else xn[h0:h1, r0:r1]
+            z = torch.bmm(xs, wn[h0:h1].transpose(1, 2))
+            z.mul_(s[h0:h1].to(dt).view(-1, 1, 1))
+            lab = y2[r0:r1].unsqueeze(0).expand(h1 - h0, -1)
+            stats = run_calibration_bins(z, lab, n_bins, True, backend, False, bool(validate_args))
+            if state is None:
+                state = _State(stats, [stats.confidence], [stats.correct])
+            else:
+                state.add(stats)
+                state.confidence.append(stats.confidence)
+                state.correct.append(stats.correct)
+        parts.append(state)  # type: ignore[arg-type]
+    merged = _merge_heads(parts)
+    return _compute(merged, binning, convention, per_batch, squeezed, backend)
+
+
+def _merge_heads(parts: list[_State]) -> _State:
+    """Stack the states of consecutive head blocks along the model dimension."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0].stats
+    cat = {name: torch.cat([getattr(p.stats, name) for p in parts]) for name in _SUMS}
+    n_invalid = torch.cat([p.stats.n_invalid for p in parts]) if first.n_invalid is not None else None
+    stats = CalibrationBins(n_bins=first.n_bins, n_samples=first.n_samples, **cat, backend=first.backend,
+                            n_invalid=n_invalid)
+    samples = [p.samples() for p in parts]
+    return _State(stats, [torch.cat([c for c, _ in samples])], [torch.cat([k for _, k in samples])])

@@ -160,13 +160,28 @@ def _causal_mask(parts: _TextParts, length: int) -> torch.Tensor:
     return parts.attn_mask[:length, :length]
 
 
-def encode_truncated(parts: _TextParts, tokens: torch.Tensor) -> torch.Tensor:
+def encode_truncated(
+    parts: _TextParts, tokens: torch.Tensor, embeddings: torch.Tensor | None = None
+) -> torch.Tensor:
     """Unnormalised text features of token ids ``(N, context)`` through the EOT-truncated path of ``parts``
-    (:func:`text_parts`); gradients flow as the caller's grad mode allows."""
+    (:func:`text_parts`); gradients flow as the caller's grad mode allows.
+
+    ``embeddings``: optional input embeddings ``(N, L', D)`` used in place of ``token_embedding(tokens)`` (learned
+    prompts: :mod:`vlmfast.tuning.prompt`). ``tokens`` still give the EOT positions, and only the first
+    ``L = max EOT + 1`` positions run, so ``L'`` may be anything from ``L`` to the context length (``tokens`` may
+    likewise be cut to ``L`` columns). The result equals the plain path whenever ``embeddings`` equals
+    ``token_embedding(tokens)``; gradients flow into ``embeddings``."""
     eot = eot_positions(tokens, parts.pool_type, parts.eos_id)
     length = _truncated_length(eot)
     cast = parts.transformer.get_cast_dtype()
-    x = parts.token_embedding(tokens[:, :length]).to(cast)
+    if embeddings is None:
+        x = parts.token_embedding(tokens[:, :length]).to(cast)
+    else:
+        if embeddings.dim() != 3 or embeddings.shape[0] != tokens.shape[0] or embeddings.shape[1] < length:
+            raise ValueError(f"embeddings: expected shape ({tokens.shape[0]}, >= {length}, D) for {tokens.shape[0]} "
+                             f"token rows whose longest EOT is at position {length - 1}, got "
+                             f"{tuple(embeddings.shape)}")
+        x = embeddings[:, :length].to(cast)
     x = x + parts.positional_embedding[:length].to(cast)
     x = parts.transformer(x, attn_mask=_causal_mask(parts, length))
     x = parts.ln_final(x)
