@@ -14,77 +14,14 @@
 #include <limits>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
-#define VLMFAST_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define VLMFAST_CLONES
-#endif
-
-#if defined(__GNUC__)
-#define VLMFAST_INLINE inline __attribute__((always_inline))
-#else
-#define VLMFAST_INLINE inline
-#endif
+#include "simd.h"
 
 namespace vlmfast {
 namespace {
 
 constexpr int64_t kRowsPerTask = 32;
 
-// Eight float32 lanes as a GCC/Clang vector-extension type: compiles to one AVX register in the x86-64-v3
-// clone and to two SSE registers in the baseline clone, with no reliance on the auto-vectoriser.
-typedef float vf8 __attribute__((vector_size(32)));
-typedef int32_t vi8 __attribute__((vector_size(32)));
-constexpr int64_t kLanes = 8;
-
-VLMFAST_INLINE vf8 splat(float v) { return vf8{v, v, v, v, v, v, v, v}; }
-
-// Lane permutations for the horizontal reductions (three steps: halves, quarters, neighbours).
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-#define VLMFAST_PERMUTE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
-#else
-#define VLMFAST_PERMUTE(v, ...) __builtin_shuffle(v, vi8{__VA_ARGS__})
-#endif
-#define VLMFAST_HREDUCE(v, OP)                           \
-  do {                                                   \
-    v = OP(v, VLMFAST_PERMUTE(v, 4, 5, 6, 7, 0, 1, 2, 3)); \
-    v = OP(v, VLMFAST_PERMUTE(v, 2, 3, 0, 1, 6, 7, 4, 5)); \
-    v = OP(v, VLMFAST_PERMUTE(v, 1, 0, 3, 2, 5, 4, 7, 6)); \
-  } while (0)
-template <class V>
-VLMFAST_INLINE V vadd(V a, V b) { return a + b; }
-template <class V>
-VLMFAST_INLINE V vor(V a, V b) { return a | b; }
-template <class V>
-VLMFAST_INLINE V vmax(V a, V b) { return a > b ? a : b; }
-template <class V>
-VLMFAST_INLINE V vmin(V a, V b) { return a < b ? a : b; }
-
-// exp(x) for x <= 0 (x = logit - row max), float32, eight lanes. Range reduction x = k ln2 + r, |r| <= ln2/2
-// (k rounded to nearest with the 1.5 * 2^23 trick), then the degree-7 Taylor polynomial of exp(r) (truncation
-// error < 6e-9 relative, below one float ulp) and 2^k built from the exponent bits. Exactly 1 at x = 0, so a
-// row's own maximum contributes exactly 1. Inputs below -87 (and -inf) are clamped to -87, giving ~1.6e-38
-// instead of a denormal or 0: against a sum >= 1 that is invisible (1 + 1.6e-38 == 1 in float32), so a
-// saturated softmax still has confidence exactly 1.0.
-VLMFAST_INLINE vf8 exp_nonpos(vf8 x) {
-  const vf8 lo = splat(-87.0f);
-  const vf8 xc = x < lo ? lo : x;
-  const vf8 kf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  vf8 r = xc - kf * 0.693359375f;  // ln 2 split: k * ln2_hi is exact for |k| < 2^10
-  r = r - kf * -2.12194440e-4f;
-  vf8 p = splat(1.0f / 5040.0f);
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const vi8 bits = (__builtin_convertvector(kf, vi8) + 127) << 23;
-  return p * (vf8)bits;  // same-size vector cast = bit cast
-}
-
-VLMFAST_INLINE float exp_nonpos(float x) { return exp_nonpos(splat(x))[0]; }
+using namespace simd;  // NOLINT: the eight-lane helpers of simd.h
 
 // The scalar end of a float32 row from rest = sum_{c != pred} exp(x_c - mx), rest2 (the squares) and e_y =
 // exp(x_y - mx), which is exactly 1 when y is the prediction (exp_nonpos(0) == 1). One division, no branch:
@@ -116,12 +53,6 @@ struct RowResult {
 };
 
 inline int64_t padded(int64_t C) { return (C + kLanes - 1) / kLanes * kLanes; }
-
-VLMFAST_INLINE vf8 load8(const float* p) {
-  vf8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
 
 // Statistics of one float32 row `x` (length C >= 1). Pass 1 reads `x` in place (whole vectors, then the last
 // C mod 8 elements through an 8-lane buffer padded with -inf): per-lane running max with the first index

@@ -12,17 +12,7 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
-#define VLMFAST_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define VLMFAST_CLONES
-#endif
-
-#if defined(__GNUC__)
-#define VLMFAST_INLINE inline __attribute__((always_inline))
-#else
-#define VLMFAST_INLINE inline
-#endif
+#include "simd.h"
 
 namespace vlmfast {
 namespace {
@@ -30,66 +20,7 @@ namespace {
 constexpr int64_t kBlockElems = 1 << 13;  // logits per OpenMP task (a block of whole rows, at least one)
 constexpr int64_t kGrainElems = 1 << 14;  // logits per thread at least: tiny chunks run on fewer threads
 
-typedef float vf8 __attribute__((vector_size(32)));
-typedef int32_t vi8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
-typedef double vd4 __attribute__((vector_size(32)));
-constexpr int64_t kLanes = 8;
-
-VLMFAST_INLINE vf8 splat(float v) { return vf8{v, v, v, v, v, v, v, v}; }
-VLMFAST_INLINE vi8 splati(int32_t v) { return vi8{v, v, v, v, v, v, v, v}; }
-
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-#define VLMFAST_PERMUTE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
-#else
-#define VLMFAST_PERMUTE(v, ...) __builtin_shuffle(v, vi8{__VA_ARGS__})
-#endif
-#define VLMFAST_HREDUCE(v, OP)                             \
-  do {                                                     \
-    v = OP(v, VLMFAST_PERMUTE(v, 4, 5, 6, 7, 0, 1, 2, 3)); \
-    v = OP(v, VLMFAST_PERMUTE(v, 2, 3, 0, 1, 6, 7, 4, 5)); \
-    v = OP(v, VLMFAST_PERMUTE(v, 1, 0, 3, 2, 5, 4, 7, 6)); \
-  } while (0)
-template <class V>
-VLMFAST_INLINE V vadd(V a, V b) { return a + b; }
-template <class V>
-VLMFAST_INLINE V vand(V a, V b) { return a & b; }
-template <class V>
-VLMFAST_INLINE V vmax(V a, V b) { return a > b ? a : b; }
-template <class V>
-VLMFAST_INLINE V vmin(V a, V b) { return a < b ? a : b; }
-
-VLMFAST_INLINE vf8 load8(const float* p) {
-  vf8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-VLMFAST_INLINE void store8(float* p, vf8 v) { std::memcpy(p, &v, sizeof(v)); }
-
-// exp(x) for x in [-87, 88], eight float32 lanes (as calibration_bins.cpp): x = k ln2 + r, |r| <= ln2/2, the
-// degree-7 Taylor polynomial of exp(r) (< 6e-9 relative) and 2^k from the exponent bits; exactly 1 at x = 0.
-// A NaN stays NaN.
-VLMFAST_INLINE vf8 exp_core(vf8 xc) {
-  const vf8 kf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  vf8 r = xc - kf * 0.693359375f;  // ln 2 split: k * ln2_hi is exact for |k| < 2^10
-  r = r - kf * -2.12194440e-4f;
-  vf8 p = splat(1.0f / 5040.0f);
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const vi8 bits = (__builtin_convertvector(kf, vi8) + 127) << 23;
-  return p * (vf8)bits;  // same-size vector cast = bit cast
-}
-
-// Forward: x = z - max <= 0. Below -87 (and -inf) clamped to -87: ~1.6e-38, invisible against 1 + rest.
-VLMFAST_INLINE vf8 exp_nonpos(vf8 x) {
-  const vf8 lo = splat(-87.0f);
-  return exp_core(x < lo ? lo : x);
-}
+using namespace simd;  // NOLINT: the eight-lane helpers of simd.h
 
 // Backward: x = z - lse. Exactly 0 below -87 (a masked -inf class gets dz = 0, not 1.6e-38 g); clamped at 88
 // above (only reachable with an lse that is not this row's), so the exponent bits never overflow.
