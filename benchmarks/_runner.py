@@ -198,5 +198,33 @@ def cli(argv, doc: str, configs: dict, run_config, *, skip_by_default=("quick",)
     return 0
 
 
+def _proc_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_mb(fn: Callable[[], object], device: str) -> float:
+    """Peak memory growth (MB) while running ``fn`` once: ``torch.cuda.max_memory_allocated`` on CUDA, the
+    process's peak RSS (``VmHWM`` after a reset through ``/proc/self/clear_refs``) on Linux CPUs, NaN elsewhere."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM to the current RSS
+        base = _proc_kb("VmRSS")
+        fn()
+        return (_proc_kb("VmHWM") - base) / 1024
+    except (OSError, KeyError):  # not Linux
+        return float("nan")
+
+
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")

@@ -42,33 +42,6 @@ CONFIGS = {
 }
 
 
-def _proc_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def peak_mb(fn, device: str) -> float:
-    """Peak memory growth (MB) while running ``fn`` once."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # resets VmHWM to the current RSS
-        base = _proc_kb("VmRSS")
-        fn()
-        return (_proc_kb("VmHWM") - base) / 1024
-    except (OSError, KeyError):  # not Linux
-        return float("nan")
-
-
 def unfused(x, w, s, y):
     z = s * F.normalize(x.float(), dim=-1) @ F.normalize(w.float(), dim=-1).t()
     loss = F.cross_entropy(z, y)
@@ -108,7 +81,7 @@ def _head(name, cfg, reps, record):
         timings, notes = {}, {}
         for label, f in providers.items():
             timings[label] = _runner.time_fn(lambda f=f: run(f), device, reps=reps)
-            notes[label] = f"peak +{peak_mb(lambda f=f: run(f), device):.1f} MB"
+            notes[label] = f"peak +{_runner.peak_mb(lambda f=f: run(f), device):.1f} MB"
         config = f"{mode} N={N} C={C} D={D} {cfg['dtype']} {device}"
         print(f"\n## prompt_logits: {config}  ({_runner.device_name(device)})\n")
         rows += _runner.report("prompt_logits", config, device, timings, ref="prompt_logits [torch]",
@@ -142,7 +115,7 @@ def _heads(name, cfg, reps, record):
     reps = reps or 3
     for label, f in providers.items():
         t = _runner.time_fn(f, device, reps=reps, warmup=1, max_seconds=120)
-        mb = peak_mb(f, device)
+        mb = _runner.peak_mb(f, device)
         if label != "calibration_from_features" and peer_heads != M:
             t = _runner.scaled(t, M / peer_heads)
             notes[label] = f"extrapolated from {peer_heads} heads; peak +{mb:.0f} MB at {peer_heads} heads"

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "calibration_bins.h"
+#include "contrastive_loss.h"
 #include "equal_mass_bins.h"
 #include "prompt_logits.h"
 #include "tensor.h"
@@ -89,7 +90,7 @@ py::dict build_info() {
   d["cuda_version"] = py::none();
   d["cuda_archs"] = py::none();
 #endif
-  d["ops"] = py::make_tuple("calibration_bins", "equal_mass_bins", "prompt_logits");
+  d["ops"] = py::make_tuple("calibration_bins", "equal_mass_bins", "prompt_logits", "contrastive_loss");
   return d;
 }
 
@@ -160,6 +161,60 @@ PYBIND11_MODULE(_C, m) {
       py::arg("z"), py::arg("lse"), py::arg("labels"), py::arg("grad"), py::arg("label_smoothing"),
       py::arg("ignore_index"), py::arg("num_threads") = 0,
       "prompt_logits backward rows: overwrites z IN PLACE with dz (see prompt_logits.h).");
+
+  m.def(
+      "contrastive_lse_rows",
+      [](const py::object& c, double scale, double bias, const py::object& lse_row, const py::object& col_max,
+         const py::object& col_sum, int num_threads) {
+        const TensorView cv = to_view(c, "c"), o1 = to_view(lse_row, "lse_row"), o2 = to_view(col_max, "col_max"),
+                         o3 = to_view(col_sum, "col_sum");
+        py::gil_scoped_release nogil;
+        vlmfast::contrastive_lse_rows_cpu(cv, scale, bias, o1, o2, o3, num_threads);
+      },
+      py::arg("c"), py::arg("scale"), py::arg("bias"), py::arg("lse_row"), py::arg("col_max"), py::arg("col_sum"),
+      py::arg("num_threads") = 0,
+      "contrastive loss, one (R, B) float32 CPU cosine chunk: row lse of z = scale c + bias, and the online merge "
+      "of the column (max, sum) into col_max / col_sum (see contrastive_loss.h).");
+
+  m.def(
+      "contrastive_cross_rows",
+      [](const py::object& c, double scale, double bias, const py::object& ct, double tscale,
+         const py::object& tlse_row, const py::object& tlse_col, const py::object& x_row, const py::object& x_col,
+         int num_threads) {
+        const TensorView cv = to_view(c, "c"), tv = to_view(ct, "ct"), tr = to_view(tlse_row, "tlse_row"),
+                         tc = to_view(tlse_col, "tlse_col"), o1 = to_view(x_row, "x_row"),
+                         o2 = to_view(x_col, "x_col");
+        py::gil_scoped_release nogil;
+        vlmfast::contrastive_cross_rows_cpu(cv, scale, bias, tv, tscale, tr, tc, o1, o2, num_threads);
+      },
+      py::arg("c"), py::arg("scale"), py::arg("bias"), py::arg("ct"), py::arg("tscale"), py::arg("tlse_row"),
+      py::arg("tlse_col"), py::arg("x_row"), py::arg("x_col"), py::arg("num_threads") = 0,
+      "contrastive loss, one chunk: x_row = sum_j pt z (written), x_col += sum_i qt z (accumulated), with the "
+      "teacher softmaxes of tscale ct (see contrastive_loss.h).");
+
+  m.def(
+      "contrastive_grad_rows",
+      [](const py::object& c, double scale, double bias, const py::object& lse_row, const py::object& lse_col,
+         double alpha, double beta, const py::object& ct, double tscale, const py::object& tlse_row,
+         const py::object& tlse_col, int num_threads) {
+        const TensorView cv = to_view(c, "c"), lr = to_view(lse_row, "lse_row"), lc = to_view(lse_col, "lse_col");
+        const TensorView tv = to_view(ct, "ct"), tr = to_view(tlse_row, "tlse_row"), tc = to_view(tlse_col, "tlse_col");
+        const TensorView* tvp = ct.is_none() ? nullptr : &tv;
+        const TensorView* trp = tlse_row.is_none() ? nullptr : &tr;
+        const TensorView* tcp = tlse_col.is_none() ? nullptr : &tc;
+        std::pair<double, double> sums;
+        {
+          py::gil_scoped_release nogil;
+          sums = vlmfast::contrastive_grad_rows_cpu(cv, scale, bias, lr, lc, alpha, beta, tvp, tscale, trp, tcp,
+                                                    num_threads);
+        }
+        return py::make_tuple(sums.first, sums.second);
+      },
+      py::arg("c"), py::arg("scale"), py::arg("bias"), py::arg("lse_row"), py::arg("lse_col"), py::arg("alpha"),
+      py::arg("beta"), py::arg("ct"), py::arg("tscale"), py::arg("tlse_row"), py::arg("tlse_col"),
+      py::arg("num_threads") = 0,
+      "contrastive loss, one chunk: overwrites c IN PLACE with D; returns (sum D c, sum D) over the original c, "
+      "in float64 (see contrastive_loss.h). ct / tlse_row / tlse_col may be None (no teacher term).");
 
   m.def(
       "calibration_bins_cuda",

@@ -1,4 +1,4 @@
-"""Training losses with open_clip's signatures (torch references today; fused ops will sit behind the same calls).
+"""Training losses with open_clip's signatures, on the fused op ``contrastive_loss`` (float64: the materialised formula).
 
 :class:`ClipLoss` / :func:`clip_loss`: the symmetric contrastive (InfoNCE) loss of CLIP, called like
 ``open_clip.loss.ClipLoss`` — ``loss(image_features, text_features, logit_scale, logit_bias=None,
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ClipLoss", "clip_loss", "clip_logits", "clip_targets"]
+__all__ = ["ClipLoss", "DistillClipLoss", "clip_loss", "clip_logits", "clip_targets"]
 
 
 def _check_features(image_features: Any, text_features: Any) -> None:
@@ -98,20 +98,31 @@ def clip_loss(
     output_dict: bool = False,
     *,
     labels: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """Symmetric CLIP contrastive loss (module docstring); a scalar, or ``{"contrastive_loss": scalar}``.
 
     ``image_features``, ``text_features``: ``(N, D)`` floating, pair i = (image i, caption i). ``logit_scale``: the
     multiplier (``exp`` of the model's parameter). ``labels``: optional ``(N,)`` class ids for class-aware targets.
-    Gradients flow to the features, ``logit_scale`` and ``logit_bias``.
+    Gradients flow to the features, ``logit_scale`` and ``logit_bias``. float32 / float16 / bfloat16 features run
+    the fused op ``contrastive_loss`` (:func:`vlmfast.functional.clip_loss` with ``normalize=False``: the B x B
+    logits are never materialised on the Triton path); float64 features run the materialised formula in float64.
     """
+    _check_features(image_features, text_features)
+    _check_scalar(logit_scale, "logit_scale")
+    if logit_bias is not None:
+        _check_scalar(logit_bias, "logit_bias")
+    if image_features.dtype != torch.float64 and text_features.dtype != torch.float64:
+        from vlmfast.ops.contrastive_loss import clip_loss as fused
+
+        return fused(image_features, text_features, logit_scale, logit_bias=logit_bias, labels=labels,
+                     label_smoothing=label_smoothing, normalize=False, output_dict=output_dict)
     per_image, per_text = clip_logits(image_features, text_features, logit_scale, logit_bias)
-    if per_image.dtype in (torch.float16, torch.bfloat16):  # the softmax in float32, as autocast would
-        per_image, per_text = per_image.float(), per_text.float()
     targets = clip_targets(per_image.shape[0], labels, device=per_image.device, dtype=per_image.dtype)
     # one matrix serves both directions: caption i's positives are the images of its class, the same set and the
     # same count as image i's positives among the captions
-    loss = 0.5 * (F.cross_entropy(per_image, targets) + F.cross_entropy(per_text, targets))
+    loss = 0.5 * (F.cross_entropy(per_image, targets, label_smoothing=label_smoothing)
+                  + F.cross_entropy(per_text, targets, label_smoothing=label_smoothing))
     return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -122,11 +133,13 @@ class ClipLoss(torch.nn.Module):
     ``world_size`` other than 1 (feature gathering across processes) is not supported yet and raises.
     """
 
-    def __init__(self, *, world_size: int = 1) -> None:
+    def __init__(self, *, world_size: int = 1, label_smoothing: float = 0.0) -> None:
         super().__init__()
         if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size != 1:
             raise ValueError(f"world_size: only single-process training (1) is supported, got {world_size!r}")
+        _check_smoothing(label_smoothing)
         self.world_size = world_size
+        self.label_smoothing = float(label_smoothing)
 
     def forward(
         self,
@@ -137,7 +150,57 @@ class ClipLoss(torch.nn.Module):
         output_dict: bool = False,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
-        return clip_loss(image_features, text_features, logit_scale, logit_bias, output_dict, labels=labels)
+        return clip_loss(image_features, text_features, logit_scale, logit_bias, output_dict, labels=labels,
+                         label_smoothing=self.label_smoothing)
 
     def extra_repr(self) -> str:
-        return f"world_size={self.world_size}"
+        return f"world_size={self.world_size}, label_smoothing={self.label_smoothing}"
+
+
+def _check_smoothing(label_smoothing: Any) -> None:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing: expected a float, got {type(label_smoothing).__name__}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing: expected a value in [0, 1], got {label_smoothing}")
+
+
+class DistillClipLoss(ClipLoss):
+    """CLIP loss plus self-distillation from a teacher, called like ``open_clip.loss.DistillClipLoss``:
+    ``(contrastive, distill) = loss(image_features, text_features, logit_scale, dist_image_features,
+    dist_text_features, dist_logit_scale, output_dict=False)`` on the fused op (one call: the teacher's row and
+    column softmax are soft targets of the student's, tile by tile).
+
+    ``directions="sum"`` (default) sums the soft-target CE of the two directions, as CaRot's L_SD;
+    ``"mean"`` averages them, as open_clip's ``DistillClipLoss``. Features are used as given (normalise first).
+    """
+
+    def __init__(self, *, world_size: int = 1, label_smoothing: float = 0.0, directions: str = "sum") -> None:
+        super().__init__(world_size=world_size, label_smoothing=label_smoothing)
+        if directions not in ("sum", "mean"):
+            raise ValueError(f"directions: expected 'sum' (CaRot) or 'mean' (open_clip), got {directions!r}")
+        self.directions = directions
+
+    def forward(  # type: ignore[override]
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        dist_image_features: torch.Tensor,
+        dist_text_features: torch.Tensor,
+        dist_logit_scale: torch.Tensor | float,
+        output_dict: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]:
+        from vlmfast.ops.contrastive_loss import clip_loss as fused
+
+        _check_features(image_features, text_features)
+        contrastive, distill = fused(image_features, text_features, logit_scale,
+                                     label_smoothing=self.label_smoothing, normalize=False,
+                                     teacher=(dist_image_features, dist_text_features, dist_logit_scale))
+        if self.directions == "mean":
+            distill = distill / 2
+        if output_dict:
+            return {"contrastive_loss": contrastive, "distill_loss": distill}
+        return contrastive, distill
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", directions={self.directions!r}"
