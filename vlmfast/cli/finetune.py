@@ -1,5 +1,12 @@
 """``vlmfast finetune``: prompt tuning (CoOp / CoCoOp / KgCoOp, optionally + DOR) on the built-in digits data, in
-the base-to-new protocol.
+the base-to-new protocol — or robust fine-tuning (FLYP / CaRot / FT / LP / LP-FT) with ID and shifted evaluation.
+
+Robust methods (``--method flyp|carot|ft|lp|lpft``): a copy of the model is fine-tuned on all ten digit classes of
+``spurious_mnist("train", strength=0)`` (progress bar), then the zero-shot model and the fine-tuned classifier are
+evaluated on ``spurious_mnist("test")`` (ID) and six shifts (scikit-learn digits, five corruptions at
+``--severity``; :func:`vlmfast.tuning.robust.digit_splits`): accuracy, global and per-batch ECE, NLL, Brier,
+sigma_min. ``--wise`` adds a WiSE-FT sweep. Written to ``--out``: the model + head (safetensors + card) and
+``results.json``.
 
 The ten digit classes are split as in CoCoOp (:func:`vlmfast.tuning.base_to_new_split`: "zero".."four" base,
 "five".."nine" new). The learner trains on ``--shots`` images per base class of ``spurious_mnist("train",
@@ -20,20 +27,26 @@ from typing import Any
 
 from vlmfast.cli._common import write_json
 
+PROMPT_METHODS = ("coop", "cocoop", "kgcoop")
+ROBUST_METHODS = ("flyp", "carot", "ft", "lp", "lpft")
+
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("finetune", help="prompt tuning (CoOp/CoCoOp/KgCoOp, +DOR) on the digits, base-to-new",
-                       description="Prompt-tune a frozen CLIP on the built-in digits (base classes), then report "
-                                   "base/new accuracy, H and calibration against zero-shot.")
-    p.add_argument("--method", choices=("coop", "cocoop", "kgcoop"), default="coop")
+    p = sub.add_parser("finetune", help="prompt tuning (CoOp/CoCoOp/KgCoOp, +DOR) or robust fine-tuning "
+                                        "(FLYP/CaRot/FT/LP/LP-FT) on the digits",
+                       description="Prompt-tune a frozen CLIP on the built-in digits (base classes) and report "
+                                   "base/new accuracy, H and calibration against zero-shot; or fine-tune it "
+                                   "(FLYP, CaRot, FT, LP, LP-FT) and report ID / shifted accuracy and calibration.")
+    p.add_argument("--method", choices=PROMPT_METHODS + ROBUST_METHODS, default="coop")
     p.add_argument("--dor", action="store_true", help="add the DOR outlier regulariser")
     p.add_argument("--model", default="base",
                    help="an open_clip config name (random init) or 'base' (the tiny pretrained CLIP; default)")
     p.add_argument("--base-preset", default="test", help="pretrain_base preset for --model base (default: test)")
     p.add_argument("--shots", type=int, default=16, help="training images per base class (default 16)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.002)
+    p.add_argument("--batch-size", type=int, default=None, help="default 32 (prompt) / 128 (robust)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default 0.002 prompt; robust: the reference's, see robust.DEFAULTS)")
     p.add_argument("--n-ctx", type=int, default=None, help="context tokens (default: the method's)")
     p.add_argument("--ctx-init", default=None, help="init phrase, e.g. 'a photo of a' (default: the method's)")
     p.add_argument("--position", choices=("end", "middle", "front"), default="end", help="class token position")
@@ -41,6 +54,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--dor-lam", type=float, default=None, help="DOR weight (default 8 CoOp, 2 others)")
     p.add_argument("--train-n", type=int, default=2000, help="size of the digits training build (default 2000)")
     p.add_argument("--test-n", type=int, default=1000, help="test composites (default 1000)")
+    p.add_argument("--severity", type=int, default=3, help="corruption severity of the robust shifts (default 3)")
+    p.add_argument("--wise", action="store_true", help="robust methods: WiSE-FT sweep alpha = 0, 0.1, ..., 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu / cuda (default: CUDA when available)")
     p.add_argument("--out", default="out/finetune", help="output folder (default: out/finetune)")
@@ -62,16 +77,27 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: expected a folder, got the file {str(out)!r}")
+    robust = args.method in ROBUST_METHODS
+    if args.batch_size is None:
+        args.batch_size = 128 if robust else 32
     for opt, v, low in (("--shots", args.shots, 1), ("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
                         ("--train-n", args.train_n, 20), ("--test-n", args.test_n, 1), ("--seed", args.seed, 0),
-                        ("--dor-k", args.dor_k, 1)):
+                        ("--dor-k", args.dor_k, 1), ("--severity", args.severity, 1)):
         if v < low:
             raise ValueError(f"{opt}: expected an int >= {low}, got {v}")
+    if args.severity > 5:
+        raise ValueError(f"--severity: expected an int in [1, 5], got {args.severity}")
+    if robust and args.dor:
+        raise ValueError(f"--dor: the DOR term is a prompt-tuning regulariser; --method {args.method} has none")
     progress = False if args.no_progress else None
     if args.model == "base":
         model, _ = pretrain_base(preset=args.base_preset, device=args.device, progress=progress)
     else:
         model = create_model(args.model, device=args.device)
+    if robust:
+        return _run_robust(args, model, out, progress)
+    if args.lr is None:
+        args.lr = 0.002
     base_ids, new_ids = base_to_new_split(CLASSNAMES)
     base_names, new_names = [CLASSNAMES[i] for i in base_ids], [CLASSNAMES[i] for i in new_ids]
     train = spurious_mnist("train", n=args.train_n, strength=0.0, seed=args.seed)
@@ -98,4 +124,32 @@ def run(args: argparse.Namespace) -> int:
                                       "train_losses": learner.train_log.get("losses", [])})
     print(format_base_to_new(rows))
     print(f"learner: {weights} (+ .json); results: {out / 'results.json'}")
+    return 0
+
+
+def _run_robust(args: argparse.Namespace, model: Any, out: Path, progress: Any) -> int:
+    from vlmfast.data import CLASSNAMES, spurious_mnist
+    from vlmfast.tuning import robust as R
+
+    train = spurious_mnist("train", n=args.train_n, strength=0.0, seed=args.seed)
+    res = R.fit(model, train, args.method, classnames=list(CLASSNAMES), steps=args.steps,
+                batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=progress)
+    splits, id_name, ood = R.digit_splits(args.test_n, args.seed, args.severity)
+    rows = {"zero-shot": R.evaluate(res.zero_shot, splits), args.method: R.evaluate(res.classifier, splits)}
+    sweep = []
+    if args.wise:
+        alphas = [i / 10 for i in range(11)]
+        sweep = [(a, r) for a, r in R.wise_ft(res.zero_shot, res.classifier, alphas,
+                                              lambda c: R.evaluate(c, splits))]
+        for a, r in sweep:
+            if a not in (0.0, 1.0):
+                rows[f"wise-ft a={a:.1f}"] = r
+    res.train_log["metrics"] = {k: v for k, v in rows[args.method][id_name].items()}
+    folder = res.save(out / "model")
+    write_json(out / "results.json", {"method": args.method, "model": args.model, "seed": args.seed,
+                                      "severity": args.severity, "id": id_name, "ood": ood, "results": rows,
+                                      "hparams": res.hparams, "checkpoint": str(folder),
+                                      "train_losses": res.train_log.get("losses", [])})
+    print(R.format_results(rows, id_name, ood))
+    print(f"model + head: {folder}; results: {out / 'results.json'}")
     return 0
