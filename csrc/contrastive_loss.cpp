@@ -30,15 +30,6 @@ using namespace simd;  // NOLINT: the eight-lane helpers of simd.h
 
 constexpr float kNinf = -std::numeric_limits<float>::infinity();
 
-// exp(x) against a given lse: exactly 0 below -87, clamped at 88 above (x > 0 only by rounding), NaN stays NaN.
-VLMFAST_INLINE vf8 exp_ftz(vf8 x) {
-  const vf8 lo = splat(-87.0f), hi = splat(88.0f);
-  vf8 xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
-  const vf8 e = exp_core(xc);
-  return x < lo ? splat(0.0f) : e;
-}
-
 // Lane-wise max that propagates NaN (either operand NaN -> NaN).
 VLMFAST_INLINE vf8 vmax_nan(vf8 a, vf8 b) { return ((a > b) | (a != a)) ? a : b; }
 

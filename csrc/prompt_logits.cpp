@@ -22,16 +22,6 @@ constexpr int64_t kGrainElems = 1 << 14;  // logits per thread at least: tiny ch
 
 using namespace simd;  // NOLINT: the eight-lane helpers of simd.h
 
-// Backward: x = z - lse. Exactly 0 below -87 (a masked -inf class gets dz = 0, not 1.6e-38 g); clamped at 88
-// above (only reachable with an lse that is not this row's), so the exponent bits never overflow.
-VLMFAST_INLINE vf8 exp_ftz(vf8 x) {
-  const vf8 lo = splat(-87.0f), hi = splat(88.0f);
-  vf8 xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
-  const vf8 e = exp_core(xc);
-  return x < lo ? splat(0.0f) : e;
-}
-
 // Adds the eight lanes of v into two float64 four-lane accumulators.
 VLMFAST_INLINE void add_f64(vd4& lo, vd4& hi, vf8 v) {
   vf4 a, b;

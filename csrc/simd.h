@@ -92,5 +92,16 @@ VLMFAST_INLINE vf8 exp_nonpos(vf8 x) {
 
 VLMFAST_INLINE float exp_nonpos(float x) { return exp_nonpos(splat(x))[0]; }
 
+// exp(x - lse)-style terms of a backward pass: exactly 0 below -87 (a masked -inf entry gets 0, not 1.6e-38),
+// clamped at 88 above (reachable only by rounding, or with an lse that is not the row's), so the exponent bits
+// never overflow; a NaN stays NaN.
+VLMFAST_INLINE vf8 exp_ftz(vf8 x) {
+  const vf8 lo = splat(-87.0f), hi = splat(88.0f);
+  vf8 xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const vf8 e = exp_core(xc);
+  return x < lo ? splat(0.0f) : e;
+}
+
 }  // namespace simd
 }  // namespace vlmfast

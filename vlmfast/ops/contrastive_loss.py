@@ -57,11 +57,10 @@ from torch import Tensor
 
 from vlmfast import _dispatch
 from vlmfast._C_loader import get_C, tensor_view
+from vlmfast.ops._features import check_features, dtype_reasons, normalize_backward, normalized
 
 OP = "contrastive_loss"
-EPS = 1e-12  # F.normalize's clamp on the norm
 CHUNK_ELEMS = 1 << 22  # cosines per row chunk on the chunked backends (16 MB of float32)
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _probe(device: str) -> dict[str, Any]:
@@ -230,8 +229,7 @@ _fwd_torch = _dispatch.register(OP, "torch", backward=_bwd_torch)(_forward_with(
 
 
 def _check_dtypes(f: Tensor, g: Tensor, **_) -> list[str]:
-    return [f"{n}: dtype {t.dtype} unsupported (float32, float16, bfloat16)"
-            for n, t in (("f", f), ("g", g)) if t.dtype not in FLOAT_DTYPES]
+    return dtype_reasons(f=f, g=g)
 
 
 def _check_cpp_built(f: Tensor, g: Tensor, **_) -> list[str]:
@@ -288,22 +286,10 @@ _fwd_triton = _dispatch.register(OP, "triton", _check_dtypes, module="vlmfast.ke
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _normalized(t: Tensor) -> tuple[Tensor, Tensor]:
-    tf = t.float()
-    norm = tf.norm(dim=-1).clamp_min(EPS)
-    return tf / norm.unsqueeze(-1), norm
-
-
-def _normalize_backward(dn: Tensor, tn: Tensor, norm: Tensor) -> Tensor:
-    """Gradient wrt ``t`` of ``tn = t / max(||t||, eps)`` given ``dn`` (autograd of F.normalize, clamp included)."""
-    proj = dn - tn * (tn * dn).sum(dim=-1, keepdim=True)
-    return torch.where((norm <= EPS).unsqueeze(-1), dn, proj) / norm.unsqueeze(-1)
-
-
 def _prepare(t: Tensor, normalize: bool) -> tuple[Tensor, Tensor | None]:
     """(what the loss sees in float32, the clamped norms or None)."""
     if normalize:
-        return _normalized(t)
+        return normalized(t)
     return t.float(), None
 
 
@@ -333,6 +319,26 @@ def _target_dirs(fn: Tensor, gn: Tensor, labels: Tensor | None, eps: float) -> t
     return u, v
 
 
+class _Prepared:
+    """What both custom ops feed the backend: the features the loss sees in float32 (``fn``, ``gn``, their norms),
+    the backend's copies (``kf``, ``kg``, ``ktf``, ``ktg``: the input dtype for triton's 16-bit tiles, float32
+    otherwise) and the detached float32 scalars ``s``, ``b``, ``ts``."""
+
+    def __init__(self, backend, f, g, scale, bias, tf, tg, tscale, normalize: bool) -> None:
+        native = backend == "triton"
+        self.fn, self.fnorm = _prepare(f, normalize)
+        self.gn, self.gnorm = _prepare(g, normalize)
+        self.s, self.b = _scalars(scale, bias, f.device)
+        self.kf, self.kg = (self.fn.to(f.dtype), self.gn.to(g.dtype)) if native else (self.fn, self.gn)
+        self.teacher = tf is not None
+        self.ktf = self.ktg = self.ts = None
+        if self.teacher:
+            tfn, _ = _prepare(tf, normalize)
+            tgn, _ = _prepare(tg, normalize)
+            self.ts = tscale.detach().float().reshape(())
+            self.ktf, self.ktg = (tfn.to(tf.dtype), tgn.to(tg.dtype)) if native else (tfn, tgn)
+
+
 def _scalars(scale: Tensor, bias: Tensor | None, dev) -> tuple[Tensor, Tensor]:
     s = scale.detach().float().reshape(())
     b = bias.detach().float().reshape(()) if bias is not None else torch.zeros((), dtype=torch.float32, device=dev)
@@ -351,20 +357,9 @@ def _contrastive_op(f: Tensor, g: Tensor, scale: Tensor, bias: Optional[Tensor],
     """``(contrastive, distill, lse_r, lse_c, tlse_r, tlse_c)``; distill is 0 and the teacher LSEs empty without a
     teacher."""
     impl = _dispatch.select(OP, backend or None, f=f, g=g)
-    fn, _ = _prepare(f, normalize)
-    gn, _ = _prepare(g, normalize)
-    s, b = _scalars(scale, bias, f.device)
-    teacher = tf is not None
-    if teacher:
-        tfn, _ = _prepare(tf, normalize)
-        tgn, _ = _prepare(tg, normalize)
-        ts = tscale.detach().float().reshape(())
-    else:
-        tfn = tgn = ts = None
-    kf, kg = (fn.to(f.dtype), gn.to(g.dtype)) if impl.backend == "triton" else (fn, gn)
-    ktf, ktg = ((tfn.to(tf.dtype), tgn.to(tg.dtype)) if impl.backend == "triton" else (tfn, tgn)) if teacher \
-        else (None, None)
-    lse_r, lse_c, tlse_r, tlse_c, x_r, x_c = impl.forward(kf, kg, s, b, ktf, ktg, ts)
+    p = _Prepared(impl.backend, f, g, scale, bias, tf, tg, tscale, normalize)
+    fn, gn, s, b, teacher = p.fn, p.gn, p.s, p.b, p.teacher
+    lse_r, lse_c, tlse_r, tlse_c, x_r, x_c = impl.forward(p.kf, p.kg, s, b, p.ktf, p.ktg, p.ts)
     u, v = _target_dirs(fn, gn, labels, label_smoothing)
     t_r = s * (fn * u).sum(dim=1) + b
     t_c = s * (gn * v).sum(dim=1) + b
@@ -394,25 +389,14 @@ def _contrastive_backward_op(grad_c: Tensor, grad_d: Tensor, f: Tensor, g: Tenso
     """``(df, dg, dscale, dbias)`` (dbias 0-d float32 even without a bias)."""
     impl = _dispatch.select(OP, backend or None, f=f, g=g)
     B = f.shape[0]
-    fn, fnorm = _prepare(f, normalize)
-    gn, gnorm = _prepare(g, normalize)
-    s, b = _scalars(scale, bias, f.device)
-    teacher = tf is not None
+    p = _Prepared(impl.backend, f, g, scale, bias, tf, tg, tscale, normalize)
+    fn, gn, s, b, teacher = p.fn, p.gn, p.s, p.b, p.teacher
     gc = grad_c.float().reshape(())
     gd = grad_d.float().reshape(()) if teacher else torch.zeros_like(gc)
     alpha = gc / (2 * B) + gd / B
     beta = gd / B
-    kf, kg = (fn.to(f.dtype), gn.to(g.dtype)) if impl.backend == "triton" else (fn, gn)
-    if teacher:
-        tfn, _ = _prepare(tf, normalize)
-        tgn, _ = _prepare(tg, normalize)
-        ts = tscale.detach().float().reshape(())
-        ktf, ktg = (tfn.to(tf.dtype), tgn.to(tg.dtype)) if impl.backend == "triton" else (tfn, tgn)
-        dfn, dgn, sum_dcos, sum_d = impl.backward(kf, kg, s, b, lse_r, lse_c, alpha, beta, ktf, ktg, ts,
-                                                  tlse_r, tlse_c)
-    else:
-        dfn, dgn, sum_dcos, sum_d = impl.backward(kf, kg, s, b, lse_r, lse_c, alpha, beta, None, None, None,
-                                                  None, None)
+    dfn, dgn, sum_dcos, sum_d = impl.backward(p.kf, p.kg, s, b, lse_r, lse_c, alpha, beta, p.ktf, p.ktg, p.ts,
+                                              tlse_r if teacher else None, tlse_c if teacher else None)
     # the target part: loss_c contains -(g_c / B) sum_ij t_ij S_ij
     u, v = _target_dirs(fn, gn, labels, label_smoothing)
     w = gc / B
@@ -420,8 +404,8 @@ def _contrastive_backward_op(grad_c: Tensor, grad_d: Tensor, f: Tensor, g: Tenso
     dgn = dgn - (w * s) * v
     dscale = sum_dcos - w * (fn * u).sum()
     dbias = sum_d - gc
-    df = _normalize_backward(dfn, fn, fnorm) if normalize else dfn
-    dg = _normalize_backward(dgn, gn, gnorm) if normalize else dgn
+    df = normalize_backward(dfn, fn, p.fnorm) if normalize else dfn
+    dg = normalize_backward(dgn, gn, p.gnorm) if normalize else dgn
     return df.to(f.dtype), dg.to(g.dtype), dscale.to(scale.dtype).reshape(scale.shape), dbias.reshape(())
 
 
@@ -461,16 +445,8 @@ _contrastive_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_features(t: Any, name: str) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected float32, float16 or bfloat16, got {t.dtype}")
-    if t.dim() != 2:
-        raise ValueError(f"{name}: expected shape (B, D), got {tuple(t.shape)}")
-    if t.device.type == "meta":
-        raise ValueError(f"{name}: expected a tensor with data (CPU or CUDA), got a meta tensor")
-    return t
+def _check_features_2d(t: Any, name: str) -> Tensor:
+    return check_features(t, name, "(B, D)")
 
 
 def _check_scalar(v: Any, name: str, device, *, optional: bool = False) -> Tensor | None:
@@ -490,8 +466,8 @@ def _check_scalar(v: Any, name: str, device, *, optional: bool = False) -> Tenso
 def check_inputs(image_features: Any, text_features: Any, logit_scale: Any, logit_bias: Any, labels: Any,
                  label_smoothing: Any, teacher: Any) -> tuple:
     """Metadata checks (no host sync). Returns ``(f, g, scale, bias, labels, eps, tf, tg, tscale)``."""
-    f = _check_features(image_features, "image_features")
-    g = _check_features(text_features, "text_features")
+    f = _check_features_2d(image_features, "image_features")
+    g = _check_features_2d(text_features, "text_features")
     if f.shape != g.shape:
         raise ValueError(f"image_features/text_features: expected the same shape (B, D) (pair i is image i with "
                          f"caption i), got {tuple(f.shape)} and {tuple(g.shape)}")
@@ -523,8 +499,8 @@ def check_inputs(image_features: Any, text_features: Any, logit_scale: Any, logi
             raise TypeError("teacher: expected (image_features, text_features, logit_scale) of the teacher, got "
                             f"{type(teacher).__name__}" + (f" of length {len(teacher)}"
                                                            if isinstance(teacher, (tuple, list)) else ""))
-        tf = _check_features(teacher[0], "teacher[0] (image_features)").detach()
-        tg = _check_features(teacher[1], "teacher[1] (text_features)").detach()
+        tf = _check_features_2d(teacher[0], "teacher[0] (image_features)").detach()
+        tg = _check_features_2d(teacher[1], "teacher[1] (text_features)").detach()
         for name, t in (("teacher[0] (image_features)", tf), ("teacher[1] (text_features)", tg)):
             if t.shape[0] != B:
                 raise ValueError(f"{name}: expected {B} rows (one per pair of the student batch), got "

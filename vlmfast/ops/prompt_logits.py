@@ -43,11 +43,10 @@ from torch import Tensor
 
 from vlmfast import _dispatch
 from vlmfast._C_loader import get_C, tensor_view
+from vlmfast.ops._features import EPS, FLOAT_DTYPES, check_features, normalize_backward, normalized
 
 OP = "prompt_logits"
-EPS = 1e-12  # F.normalize's clamp on the norm
 CHUNK_ELEMS = 1 << 22  # logits per row chunk on the chunked backends (16 MB of float32)
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -74,18 +73,7 @@ class PromptLogitsOutput(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _normalized(t: Tensor) -> tuple[Tensor, Tensor]:
-    """``(t / max(||t||, eps), max(||t||, eps))`` in float32."""
-    tf = t.float()
-    norm = tf.norm(dim=-1).clamp_min(EPS)
-    return tf / norm.unsqueeze(-1), norm
-
-
-def _normalize_backward(dn: Tensor, tn: Tensor, norm: Tensor) -> Tensor:
-    """Gradient wrt ``t`` of ``tn = t / max(||t||, eps)`` given ``dn`` (autograd of F.normalize, clamp included)."""
-    proj = dn - tn * (tn * dn).sum(dim=-1, keepdim=True)
-    clamped = (norm <= EPS).unsqueeze(-1)
-    return torch.where(clamped, dn, proj) / norm.unsqueeze(-1)
+_normalized, _normalize_backward = normalized, normalize_backward
 
 
 def _rows(n: int, c: int) -> int:
@@ -295,15 +283,7 @@ _prompt_logits_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_features(t: Any, name: str) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected float32, float16 or bfloat16, got {t.dtype}")
-    if t.dim() != 2:
-        raise ValueError(f"{name}: expected shape (rows, D), got {tuple(t.shape)}")
-    if t.device.type == "meta":
-        raise ValueError(f"{name}: expected a tensor with data (CPU or CUDA), got a meta tensor")
-    return t
+    return check_features(t, name)
 
 
 def check_inputs(x: Any, w: Any, scale: Any, labels: Any, label_smoothing: Any, ignore_index: Any,
