@@ -208,6 +208,7 @@ def test_save_and_load_round_trip(rn, data, tmp_path):
     model, clf, card = R.load_robust(folder)
     torch.testing.assert_close(R.predict(clf, data)[0], R.predict(res.classifier, data)[0])
     assert card["method"] == "robust-carot" and card["hparams"]["lam_oc"] == 0.2
+    assert card["train"]["metrics"]["loss"] == pytest.approx(res.train_log["losses"][-1])
     assert json.loads((folder / "model.json").read_text())["method"] == "robust-carot"
 
 

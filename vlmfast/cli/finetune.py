@@ -144,7 +144,7 @@ def _run_robust(args: argparse.Namespace, model: Any, out: Path, progress: Any) 
         for a, r in sweep:
             if a not in (0.0, 1.0):
                 rows[f"wise-ft a={a:.1f}"] = r
-    res.train_log["metrics"] = {k: v for k, v in rows[args.method][id_name].items()}
+    res.train_log.setdefault("metrics", {}).update({f"id_{k}": v for k, v in rows[args.method][id_name].items()})
     folder = res.save(out / "model")
     write_json(out / "results.json", {"method": args.method, "model": args.model, "seed": args.seed,
                                       "severity": args.severity, "id": id_name, "ood": ood, "results": rows,

@@ -516,7 +516,9 @@ def fit(
         student.eval()
         classifier = zero_shot_classifier(student, classnames, templates)
         train_log = {"losses": list(state.losses), "history": [dict(h) for h in state.history],
-                     "elapsed_s": state.elapsed_s, "resumed_from": state.resumed_from}
+                     "elapsed_s": state.elapsed_s, "resumed_from": state.resumed_from,
+                     "metrics": {**{k: float(v) for k, v in state.last_metrics.items()},
+                                 "loss": state.losses[-1] if state.losses else math.nan}}
         if teacher_cb is not None:
             train_log["ema_updates"] = teacher_cb.updates
     else:
@@ -554,7 +556,8 @@ def fit(
             state = train_fit(classifier, loss_fn, batches, cfg, params=params)
             classifier.eval()
             train_log.update(losses=list(state.losses), history=[dict(h) for h in state.history],
-                             elapsed_s=state.elapsed_s, resumed_from=state.resumed_from)
+                             elapsed_s=state.elapsed_s, resumed_from=state.resumed_from,
+                             metrics={"loss": state.losses[-1] if state.losses else math.nan})
     hparams["warmup"] = warmup
     return RobustResult(method=method, model=student, classifier=classifier, zero_shot=zero_shot,
                         classnames=classnames, templates=templates, hparams=hparams, train_log=train_log,
