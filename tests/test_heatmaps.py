@@ -166,3 +166,39 @@ def test_bad_input(vit, kwargs, exc, match):
     labels = kw.pop("labels")
     with pytest.raises(exc, match=match):
         heatmaps(vit, _images(2), labels, **kw)
+
+
+def test_cli_audit_rationality(tmp_path, capsys):
+    import json
+
+    from vlmfast.cli import main
+
+    out = tmp_path / "rat"
+    rc = main(["audit", "rationality", "--models", "vlmfast-tiny-vit", "vlmfast-tiny-rn", "--n", "20",
+               "--split", "noise-2", "--overlays", "1", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| vlmfast-tiny-vit (random init) | chefer-last |" in text and "| vlmfast-tiny-rn (random init) | gradcam |" in text
+    res = json.loads((out / "results.json").read_text())
+    for r in res["results"].values():
+        assert r["RR"] + r["RW"] + r["WR"] + r["WW"] == 20 and r["n"] == 20
+    assert len(res["overlays"]) == 2 and all(p.endswith(".png") for p in res["overlays"])
+    assert (out / "overlays").is_dir() and len(list((out / "overlays").glob("*.png"))) == 2
+    rc = main(["audit", "rationality", "--models", "vlmfast-tiny-vit", "--split", "fog-3", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--split: expected test, sklearn-digits or KIND-SEVERITY" in err
+    rc = main(["audit", "rationality", "--models", "no-such-thing", "--out", str(out)])
+    assert rc == 2 and "--models: 'no-such-thing'" in capsys.readouterr().err
+
+
+def test_overlay_plot_validates(tmp_path):
+    pytest.importorskip("matplotlib")
+    from vlmfast.plot import heatmap_overlays
+
+    imgs = _images(2, size=8)
+    path = heatmap_overlays(imgs, torch.rand(2, 8, 8), torch.rand(2, 8, 8) > 0.5, tmp_path / "o.png", ["a", "b"])
+    assert path.stat().st_size > 1000
+    with pytest.raises(ValueError, match="maps: expected shape"):
+        heatmap_overlays(imgs, torch.rand(2, 4, 4), None, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="titles: expected 2"):
+        heatmap_overlays(imgs, torch.rand(2, 8, 8), None, tmp_path / "x.png", ["a"])

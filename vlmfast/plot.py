@@ -134,4 +134,59 @@ def reliability_diagram(
     return out
 
 
-__all__ = ["reliability_diagram"]
+def heatmap_overlays(
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    masks: torch.Tensor | None,
+    path: str | os.PathLike,
+    titles: Sequence[str] | None = None,
+    *,
+    ncols: int = 4,
+    alpha: float = 0.5,
+    title: str | None = None,
+    dpi: int = 120,
+) -> Path:
+    """Write a PNG grid of heatmaps over their images: ``images (K, 3, H, W)`` uint8 (or float in [0, 1]),
+    ``maps (K, H, W)`` in [0, 1] drawn with a colour map at ``alpha``, the ground-truth ``masks (K, H, W)`` bool
+    outlined (or None), one ``titles`` entry per image."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images: expected (K, 3, H, W), got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    k = images.shape[0]
+    if not isinstance(maps, torch.Tensor) or tuple(maps.shape) != (k, *images.shape[-2:]):
+        raise ValueError(f"maps: expected shape {(k, *images.shape[-2:])}, got "
+                         f"{tuple(maps.shape) if isinstance(maps, torch.Tensor) else type(maps).__name__}")
+    if masks is not None and tuple(masks.shape) != tuple(maps.shape):
+        raise ValueError(f"masks: expected shape {tuple(maps.shape)}, got {tuple(masks.shape)}")
+    if titles is not None and len(titles) != k:
+        raise ValueError(f"titles: expected {k} titles, got {len(titles)}")
+    if k == 0:
+        raise ValueError("images: expected at least one image, got none")
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "vlmfast.plot").FigureCanvasAgg
+    Figure = require("matplotlib.figure", "vlmfast.plot").Figure
+    ncols = max(1, min(ncols, k))
+    nrows = math.ceil(k / ncols)
+    img = images.detach().cpu()
+    img = (img.float() / 255.0 if img.dtype == torch.uint8 else img.float()).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    hm = maps.detach().cpu().float().numpy()
+    fig = Figure(figsize=(2.4 * ncols, 2.6 * nrows), dpi=dpi)
+    FigureCanvasAgg(fig)
+    for i in range(k):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        ax.imshow(img[i], interpolation="nearest")
+        ax.imshow(hm[i], cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0, interpolation="bilinear")
+        if masks is not None:
+            ax.contour(masks[i].detach().cpu().float().numpy(), levels=[0.5], colors="white", linewidths=0.8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, bbox_inches="tight")
+    return out
+
+
+__all__ = ["heatmap_overlays", "reliability_diagram"]

@@ -165,6 +165,8 @@ def heatmaps(
     blocks: str | None = None,
     size: int | tuple[int, int] | None = None,
     batch_size: int = 64,
+    progress: bool = False,
+    desc: str = "heatmaps",
 ) -> Heatmaps:
     """Heatmaps explaining the ground-truth class of every image (module docs), batched on the model's device.
 
@@ -173,7 +175,8 @@ def heatmaps(
     H, W)`` uint8 (or a dataset with ``.images``); ``labels``: ``(N,)`` class ids (or ``.labels`` of the dataset).
     ``classnames`` / ``templates`` build the text features of a CLIP model (``zero_shot_head``; default template
     ``"a photo of a {}"``), or pass ``text_features (C, D)``. ``blocks``: ``"last"`` | ``"all"`` (ViT only; default
-    :func:`default_blocks`). ``size``: output size (default the images' ``(H, W)``).
+    :func:`default_blocks`). ``size``: output size (default the images' ``(H, W)``). ``progress``: a bar over
+    the batches (stderr), labelled ``desc``.
     """
     from vlmfast.models.factory import preprocess_for
     from vlmfast.models.text import zero_shot_head
@@ -232,8 +235,17 @@ def heatmaps(
     for p, _ in flags:
         p.requires_grad_(False)
     maps, preds, targets = [], [], []
+    starts = range(0, imgs.shape[0], batch_size)
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(starts), desc=desc, unit="batch")
+        except ImportError:  # pragma: no cover
+            bar = None
     try:
-        for s0 in range(0, imgs.shape[0], batch_size):
+        for s0 in starts:
             x = preprocess_for(model, imgs[s0:s0 + batch_size])
             yb = y[s0:s0 + batch_size].to(dev)
             if family == "vit":
@@ -243,7 +255,11 @@ def heatmaps(
             maps.append(_postprocess(cams, out_size))
             preds.append(pred)
             targets.append(s.float())
+            if bar is not None:
+                bar.update(1)
     finally:
+        if bar is not None:
+            bar.close()
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was)

@@ -3,7 +3,8 @@
     vlmfast info [--json] [--backend B]     what this installation can run (backends, build, GPU)
     vlmfast calibration LOGITS [...]        calibration metrics of saved logits: a table, JSON and a PNG
     vlmfast demo [--out DIR]                the offline demo audit (``make demo``)
-    vlmfast finetune --method M [--dor]     prompt tuning on the digits, base-to-new accuracy + calibration
+    vlmfast finetune --method M [--dor]     prompt tuning (base-to-new) or robust fine-tuning (ID / shifts)
+    vlmfast audit rationality --models ...  PT / IR of explanation heatmaps against the digit masks
 
 Options are parsed once, here; each command module (``info``, ``calibration``, ``demo``, ``finetune``) adds its subparser
 and a ``run(args) -> int``. Every user error — bad options, unreadable files, invalid input, a forced backend
@@ -19,6 +20,7 @@ import re
 import sys
 from typing import NoReturn
 
+from vlmfast.cli import audit as _audit
 from vlmfast.cli import calibration as _calibration
 from vlmfast.cli import demo as _demo
 from vlmfast.cli import finetune as _finetune
@@ -47,11 +49,12 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="vlmfast", description="Fast fine-tuning and auditing of CLIP-style vision-language models.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{info,calibration,demo,finetune}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{info,calibration,demo,finetune,audit}")
     _info.add_parser(sub)
     _calibration.add_parser(sub)
     _demo.add_parser(sub)
     _finetune.add_parser(sub)
+    _audit.add_parser(sub)
     return ap
 
 
