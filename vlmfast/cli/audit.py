@@ -1,5 +1,5 @@
 """``vlmfast audit rationality``: explanation heatmaps of many models on the built-in digits, scored against the
-ground-truth digit masks — Prediction Trustworthiness (PT = P(valid | correct)), Inference Reliability
+ground-truth digit (its tight box, as the reference's ImageNet boxes, or ``--mask stroke``) — Prediction Trustworthiness (PT = P(valid | correct)), Inference Reliability
 (IR = P(correct | valid)), mean relevance-mass accuracy, the four counts — plus overlay PNGs of a sample of images
 per cell (right/wrong x valid/invalid).
 
@@ -42,6 +42,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--blocks", choices=("auto", "last", "all"), default="auto",
                    help="ViT relevance blocks (default: last for CLIP models, all for classifier heads)")
+    r.add_argument("--mask", choices=("box", "stroke"), default="box",
+                   help="ground truth: the digit's tight box (as the reference's ImageNet boxes; default) or its "
+                        "stroke pixels")
     r.add_argument("--threshold", type=float, default=0.5, help="RMA threshold of valid evidence (default 0.5)")
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--overlays", type=int, default=4, help="overlay images per cell and model (0: none)")
@@ -94,6 +97,17 @@ def load_audited(spec: str, *, base_preset: str, device: Any, progress: Any):
                      "checkpoint file")
 
 
+def digit_masks(data, kind: str):
+    """Ground-truth masks of the digits: ``"box"`` (the tight digit box, filled) or ``"stroke"`` (its pixels)."""
+    import torch
+
+    from vlmfast.metrics import masks_from_boxes
+
+    if kind == "stroke":
+        return torch.as_tensor(data.digit_masks)
+    return masks_from_boxes(torch.as_tensor(data.boxes).float(), tuple(data.images.shape[-2:]))
+
+
 def _cells(correct, valid):
     return {"RR": correct & valid, "RW": correct & ~valid, "WR": ~correct & valid, "WW": ~correct & ~valid}
 
@@ -123,7 +137,7 @@ def run_rationality(args: argparse.Namespace) -> int:
         h = heatmaps(model, data.images, data.labels, classnames=list(CLASSNAMES),
                      blocks=None if args.blocks == "auto" else args.blocks, batch_size=args.batch_size,
                      progress=not args.no_progress, desc=name)
-        masks = torch.as_tensor(data.digit_masks).to(h.maps.device)
+        masks = digit_masks(data, args.mask).to(h.maps.device)
         r = rationality(h.maps, masks, h.correct, threshold=args.threshold)
         rows[name] = {"method": h.method, "accuracy": float(h.correct.float().mean()), **r.as_dict()}
         if args.overlays:
@@ -141,7 +155,7 @@ def run_rationality(args: argparse.Namespace) -> int:
                 overlay_files.append(str(heatmap_overlays(
                     torch.as_tensor(data.images)[idx], h.maps.cpu()[idx], masks.cpu()[idx],
                     out / "overlays" / f"{safe}.png", titles, title=f"{name} ({h.method}) on {args.split}")))
-    write_json(out / "results.json", {"split": args.split, "n": args.n, "seed": args.seed,
+    write_json(out / "results.json", {"split": args.split, "n": args.n, "seed": args.seed, "mask": args.mask,
                                       "threshold": args.threshold, "results": rows, "overlays": overlay_files})
     head = "| model | heatmap | accuracy | PT | IR | mean RMA (correct) | RR | RW | WR | WW | constant |"
     print(head)
