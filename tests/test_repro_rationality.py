@@ -29,6 +29,6 @@ def test_repro_rationality_quick(tmp_path):
         assert row["RR"] + row["RW"] + row["WR"] + row["WW"] == row["n"] == 60
         assert row["method"] == "gradcam"
         acc = data["summary"][label]["ID acc"]["mean"]
-        assert math.isclose(acc, 100 * (row["RR"] + row["RW"]) / 60, rel_tol=1e-9)
+        assert math.isclose(acc, 100 * (row["RR"] + row["RW"]) / 60, rel_tol=1e-6)  # float32 mean
         assert f"| {label} | gradcam | {acc:.2f}" in proc.stdout
     assert len(data["verdict"]) == 12
