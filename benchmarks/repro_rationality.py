@@ -95,8 +95,16 @@ def main(argv=None) -> int:
             per_seed[label].append(row)
         print(f"seed {seed}: audited ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
 
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    raw = out.with_name(out.stem + ".raw.json")  # the per-seed results first: nothing is lost to a later error
+    raw.write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "out"},
+                               "per_seed": per_seed}, indent=1, default=float) + "\n")
+
     def cell(label, fn):
         vals = [fn(r) for r in per_seed[label]]
+        if any(math.isnan(v) for v in vals):  # an empty denominator (e.g. no valid evidence) in some seed
+            return math.nan, math.nan, vals
         return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0), vals
 
     ood = split_names[1:]
@@ -130,8 +138,6 @@ def main(argv=None) -> int:
                            + (f"{want}, as the paper reports" if ok else f"not {want} (paper: {want})"))
     lines += ["", "Verdict (computed from the numbers above):"] + [f"- {v}" for v in verdict]
     print("\n".join(lines))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "out"},
                                "lrs": {k: v[1] for k, v in METHODS.items()}, "git_sha": _runner.git_sha(),
                                "device": _runner.device_name("cpu"), "elapsed_s": time.perf_counter() - t0,
