@@ -77,7 +77,7 @@ def test_dense_fallback_of_the_clipping_corrections_is_exact():
     labels = torch.from_numpy(np.random.default_rng(1).integers(0, 4, 150))
     a = silhouette(x, labels, metric="dot", clip_distances=True, _corrections=sparse, _x_ready=True)
     b = silhouette(x, labels, metric="dot", clip_distances=True, _corrections=dense, _x_ready=True)
-    assert a == pytest.approx(b, abs=1e-9)
+    assert a == pytest.approx(b, abs=1e-6)  # float32 GEMM of the sums vs dense float64 clipped rows
     fa = kmedoids(x, 4, metric="dot", clip_distances=True, _corrections=sparse, _x_ready=True)
     fb = kmedoids(x, 4, metric="dot", clip_distances=True, _corrections=dense, _x_ready=True)
     assert torch.equal(fa.medoids, fb.medoids) and torch.equal(fa.labels, fb.labels)

@@ -174,10 +174,14 @@ def _similarity_sums(x: torch.Tensor, labels: torch.Tensor, k: int, clip: bool,
     counts = torch.bincount(labels, minlength=k)
     if clip and corr is not None and corr.dense:
         return _dense_clipped_sums(x, labels, k), counts
-    x64 = x.double()
-    sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, labels, x64)
-    t = x64 @ sums.T
-    own = (x64 * x64).sum(1)
+    n = x.shape[0]
+    s32 = _cluster_sums64(x, labels, k).float()
+    t = torch.empty(n, k, dtype=torch.float64, device=x.device)
+    step = _chunk_rows(n, k)
+    for lo in range(0, n, step):
+        xc = x[lo:lo + step].float()
+        t[lo:lo + step] = (xc @ s32.T).double()
+    own = (x.float() * x.float()).sum(1).double()
     t.scatter_add_(1, labels[:, None], -own[:, None])
     if clip and corr is not None:
         t += corr.per_cluster(labels, k)
@@ -212,15 +216,30 @@ def _assign(x: torch.Tensor, medoids: torch.Tensor, clip: bool) -> torch.Tensor:
     return labels
 
 
-def _kpp_init(x: torch.Tensor, k: int, seed: int, clip: bool) -> torch.Tensor:
+class _SeedCache:
+    """k-medoids++ prefixes shared by the fits of a sweep: with the same seed and the same number of trials per
+    step (``2 + int(log k)``), the seeding for k is the first k centres of the seeding for any larger k (the
+    random stream is consumed identically), so a sweep seeds once per trial count and extends as needed."""
+
+    def __init__(self):
+        self.state: dict[tuple[int, int, bool], dict[str, Any]] = {}
+
+
+def _kpp_init(x: torch.Tensor, k: int, seed: int, clip: bool, cache: _SeedCache | None = None) -> torch.Tensor:
     n = x.shape[0]
-    rng = np.random.RandomState(seed)
     trials = 2 + int(np.log(k))
-    centers = np.empty(k, dtype=np.int64)
-    centers[0] = rng.randint(n)
-    closest = _distance_rows(x, torch.tensor([int(centers[0])], device=x.device), clip)[0] ** 2
-    pot = float(closest.sum())
-    for c in range(1, k):
+    key = (seed, trials, clip)
+    st = cache.state.get(key) if cache is not None else None
+    if st is None:
+        rng = np.random.RandomState(seed)
+        first = int(rng.randint(n))
+        closest = _distance_rows(x, torch.tensor([first], device=x.device), clip)[0] ** 2
+        st = {"rng": rng, "centers": [first], "closest": closest, "pot": float(closest.sum())}
+        if cache is not None:
+            cache.state[key] = st
+    rng, centers = st["rng"], st["centers"]
+    closest, pot = st["closest"], st["pot"]
+    while len(centers) < k:
         u = rng.random_sample(trials) * pot
         cum = torch.cumsum(closest.double(), 0)
         cand = torch.searchsorted(cum, torch.from_numpy(u).to(cum.device)).clamp_(max=n - 1)
@@ -231,25 +250,68 @@ def _kpp_init(x: torch.Tensor, k: int, seed: int, clip: bool) -> torch.Tensor:
         for t in range(1, trials):
             if pots[t] < pots[best]:
                 best = t
-        centers[c] = int(cand[best])
+        centers.append(int(cand[best]))
         pot = pots[best]
         closest = new[best]
-    return torch.from_numpy(centers).to(x.device)
+    st["closest"], st["pot"] = closest, pot
+    return torch.tensor(centers[:k], dtype=torch.long, device=x.device)
 
 
-def _member_costs(x: torch.Tensor, labels: torch.Tensor, k: int, clip: bool,
-                  corr: PairCorrections | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cost, counts): cost (N,) float64 = sum over the other members j of i's cluster of the distance."""
+def _cluster_sums64(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """(k, d) float64 sums of the members of each cluster, from float64 copies of bounded row chunks."""
+    n, d = x.shape
+    sums = torch.zeros(k, d, dtype=torch.float64, device=x.device)
+    step = _chunk_rows(n, d, 1 << 22)
+    for lo in range(0, n, step):
+        sums.index_add_(0, labels[lo:lo + step], x[lo:lo + step].double())
+    return sums
+
+
+def _exact_costs(x, idx, labels, sums, counts, clip, corr_own):
+    """float64 cost of the points ``idx`` as medoids of their own cluster."""
+    xi = x[idx].double()
+    li = labels[idx]
+    t = (xi * sums[li]).sum(1) - (xi * xi).sum(1)
+    if corr_own is not None:
+        t = t + corr_own[idx]
+    return (counts[li] - 1).double() - t
+
+
+def _member_costs(x: torch.Tensor, labels: torch.Tensor, k: int, clip: bool, corr: PairCorrections | None,
+                  keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cost, counts): cost (N,) float64 = sum over the other members j of i's cluster of the distance.
+
+    Costs come from one float32 GEMM against the float64 cluster sums; every point whose float32 cost is
+    within the float32 error bound of its cluster's best (and the points in ``keep``, e.g. the current
+    medoids) is then recomputed in float64, so argmin decisions are those of the float64 costs. Points outside
+    that band get their float32 estimate (they cannot be a cluster's minimum)."""
+    n, d = x.shape
     counts = torch.bincount(labels, minlength=k)
     if clip and corr is not None and corr.dense:
         t = _dense_clipped_sums(x, labels, k).gather(1, labels[:, None])[:, 0]
-    else:
-        x64 = x.double()
-        sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, labels, x64)
-        t = (x64 * sums[labels]).sum(1) - (x64 * x64).sum(1)
-        if clip and corr is not None:
-            t += corr.own_cluster(labels)
-    return (counts[labels] - 1).double() - t, counts
+        return (counts[labels] - 1).double() - t, counts
+    sums = _cluster_sums64(x, labels, k)
+    corr_own = corr.own_cluster(labels) if (clip and corr is not None) else None
+    t32 = torch.empty(n, dtype=torch.float64, device=x.device)
+    s32 = sums.float()
+    step = _chunk_rows(n, k)
+    for lo in range(0, n, step):
+        xc = x[lo:lo + step].float()
+        t32[lo:lo + step] = ((xc @ s32.T).gather(1, labels[lo:lo + step, None])[:, 0]
+                             - (xc * xc).sum(1)).double()
+    if corr_own is not None:
+        t32 += corr_own
+    cost = (counts[labels] - 1).double() - t32
+    # float32 error bound of x_i . S_c (d products of magnitude <= |S_c| <= n_c, S_c rounded to float32)
+    tol = (2 * (d + 4) * 2.0 ** -24) * (counts.double() + 1)
+    best = torch.full((k,), float("inf"), dtype=torch.float64, device=x.device).scatter_reduce_(
+        0, labels, cost, reduce="amin")
+    near = cost <= best[labels] + 2 * tol[labels]
+    if keep is not None:
+        near[keep.clamp(0, n - 1)] = True
+    idx = near.nonzero(as_tuple=True)[0]
+    cost[idx] = _exact_costs(x, idx, labels, sums, counts, clip, corr_own)
+    return cost, counts
 
 
 def _best_members(cost: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,10 +330,10 @@ def _update_medoids(x: torch.Tensor, labels: torch.Tensor, medoids: torch.Tensor
     """One 'alternate' medoid update (returns new medoid indices)."""
     n = x.shape[0]
     k = medoids.numel()
-    cost, counts = _member_costs(x, labels, k, clip, corr)
-    best_idx, best_cost = _best_members(cost, labels, k)
     idx = torch.arange(n, device=x.device)
     first = torch.full((k,), n, dtype=torch.long, device=x.device).scatter_reduce_(0, labels, idx, reduce="amin")
+    cost, counts = _member_costs(x, labels, k, clip, corr, keep=torch.cat([medoids, first]))
+    best_idx, best_cost = _best_members(cost, labels, k)
     member = labels[medoids] == torch.arange(k, device=x.device)
     cur = torch.where(member, medoids, first).clamp(max=n - 1)
     nonempty = counts > 0
@@ -306,7 +368,8 @@ class KMedoidsResult:
 
 def kmedoids(x: Any, k: int, *, metric: str = "cosine", init: str = "k-medoids++", seed: int = 0,
              max_iter: int = 300, clip_distances: bool = False, device: Any = None,
-             _corrections: PairCorrections | None = None, _x_ready: bool = False) -> KMedoidsResult:
+             _corrections: PairCorrections | None = None, _x_ready: bool = False,
+             _seeds: _SeedCache | None = None) -> KMedoidsResult:
     """Exact k-medoids for the cosine distance ``1 - x.y`` (scikit-learn-extra's "alternate" method and
     k-medoids++ seeding, see the module docstring), matrix-free: O(N k d) per iteration, O(N d) memory.
 
@@ -327,7 +390,7 @@ def kmedoids(x: Any, k: int, *, metric: str = "cosine", init: str = "k-medoids++
     if clip_distances and corr is None:
         corr = PairCorrections(x)
     if init == "k-medoids++":
-        medoids = _kpp_init(x, k, int(seed), clip_distances)
+        medoids = _kpp_init(x, k, int(seed), clip_distances, _seeds)
     else:
         medoids = torch.from_numpy(np.random.RandomState(int(seed)).choice(n, k, replace=False)).to(x.device)
     converged = False
@@ -430,6 +493,7 @@ def sweep(x: Any, ks: Iterable[int], *, metric: str = "cosine", seed: int = 0, m
     if bad:
         raise ValueError(f"ks: every k must be in 2..N-1 = {n - 1} to have a silhouette, got {bad}")
     corr = PairCorrections(x) if clip_distances else None
+    seeds = _SeedCache()
     it = ks
     if progress:
         from tqdm.auto import tqdm
@@ -440,7 +504,7 @@ def sweep(x: Any, ks: Iterable[int], *, metric: str = "cosine", seed: int = 0, m
     fits: dict[int, KMedoidsResult] = {}
     for k in it:
         fit = kmedoids(x, k, metric=metric, seed=seed, max_iter=max_iter, clip_distances=clip_distances,
-                       _corrections=corr, _x_ready=True)
+                       _corrections=corr, _x_ready=True, _seeds=seeds)
         if int(torch.unique(fit.labels).numel()) < 2:
             s = 0.0  # every point on one medoid (duplicates): no structure to score
         else:
