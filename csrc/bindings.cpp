@@ -11,6 +11,7 @@
 #include "calibration_bins.h"
 #include "contrastive_loss.h"
 #include "equal_mass_bins.h"
+#include "kmeans_assign.h"
 #include "prompt_logits.h"
 #include "tensor.h"
 #include "vlmfast_build_config.h"
@@ -215,6 +216,22 @@ PYBIND11_MODULE(_C, m) {
       py::arg("num_threads") = 0,
       "contrastive loss, one chunk: overwrites c IN PLACE with D; returns (sum D c, sum D) over the original c, "
       "in float64 (see contrastive_loss.h). ct / tlse_row / tlse_col may be None (no teacher term).");
+
+  m.def(
+      "kmeans_assign_rows",
+      [](const py::object& z, const py::object& x, const py::object& xx, const py::object& cc, bool l2,
+         const py::object& labels, const py::object& scores, const py::object& sums, const py::object& counts,
+         int num_threads) {
+        const TensorView zv = to_view(z, "z"), xv = to_view(x, "x"), xxv = to_view(xx, "xx"), ccv = to_view(cc, "cc");
+        const TensorView o1 = to_view(labels, "labels"), o2 = to_view(scores, "scores"), o3 = to_view(sums, "sums"),
+                         o4 = to_view(counts, "counts");
+        py::gil_scoped_release nogil;
+        vlmfast::kmeans_assign_rows_cpu(zv, xv, xxv, ccv, l2, o1, o2, o3, o4, num_threads);
+      },
+      py::arg("z"), py::arg("x"), py::arg("xx"), py::arg("cc"), py::arg("l2"), py::arg("labels"), py::arg("scores"),
+      py::arg("sums"), py::arg("counts"), py::arg("num_threads") = 0,
+      "k-means assignment rows of an (R, k) float32 CPU score chunk z = x @ c^T: labels, scores, and the float64 "
+      "sums / int64 counts accumulated (see kmeans_assign.h). xx / cc may be None for metric ip.");
 
   m.def(
       "calibration_bins_cuda",

@@ -151,7 +151,8 @@ def test_encode_images_stream_equals_in_memory(folder, rn):
     shuffled = st.loader(4, shuffle=True, generator=g)
     order = torch.cat([b["index"] for b in shuffled])
     g.manual_seed(3)
-    assert torch.equal(M.encode_images(rn, shuffled), ref[order])
+    # other batch compositions: the conv backend may block the batch differently, so equal up to rounding
+    torch.testing.assert_close(M.encode_images(rn, shuffled), ref[order], atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="data_or_images"):
         M.encode_images(rn, torch.utils.data.DataLoader(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), batch_size=2))
     with pytest.raises(ValueError, match="data_or_images: expected images with data"):

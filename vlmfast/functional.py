@@ -4,6 +4,7 @@
 from vlmfast.ops.calibration_bins import CalibrationBins, calibration_bins, calibration_bins_ref
 from vlmfast.ops.contrastive_loss import Teacher, clip_loss, clip_loss_ref
 from vlmfast.ops.equal_mass_bins import equal_mass_bins, equal_mass_bins_ref
+from vlmfast.ops.kmeans_assign import KMeansAssignment, kmeans_assign, kmeans_assign_ref
 from vlmfast.ops.prompt_logits import (
     PromptLogitsLoss,
     PromptLogitsOutput,
@@ -13,4 +14,5 @@ from vlmfast.ops.prompt_logits import (
 )
 
 __all__ = ["CalibrationBins", "calibration_bins", "calibration_bins_ref", "Teacher", "clip_loss", "clip_loss_ref", "equal_mass_bins", "equal_mass_bins_ref",
-           "PromptLogitsLoss", "PromptLogitsOutput", "prompt_logits", "prompt_logits_loss", "prompt_logits_ref"]
+           "PromptLogitsLoss", "PromptLogitsOutput", "prompt_logits", "prompt_logits_loss", "prompt_logits_ref",
+           "KMeansAssignment", "kmeans_assign", "kmeans_assign_ref"]

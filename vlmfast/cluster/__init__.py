@@ -5,10 +5,12 @@
 ``silhouette``         scikit-learn's silhouette score from cluster sums
 ``sweep``              RaVL's k sweep: fit every k, keep the best silhouette (reference selection rule)
 ``medoids_of``         the exact medoids of a given clustering
+``kmeans``             k-means (spherical by default): FAISS when installed, else the op ``kmeans_assign``
 =====================  ===================================================================================
 """
 
 from vlmfast.cluster._kmedoids import (KMedoidsResult, PairCorrections, SweepResult, kmedoids, medoids_of,
                                       silhouette, sweep)
+from vlmfast.cluster.kmeans import KMeansResult, kmeans
 
-__all__ = ["KMedoidsResult", "PairCorrections", "SweepResult", "kmedoids", "medoids_of", "silhouette", "sweep"]
+__all__ = ["KMeansResult", "kmeans", "KMedoidsResult", "PairCorrections", "SweepResult", "kmedoids", "medoids_of", "silhouette", "sweep"]
