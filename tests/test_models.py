@@ -172,10 +172,10 @@ def test_region_features_shapes_and_full_box_identity(rn, vit):
             got = M.region_features(rn, imgs, full, layer=layer)[:, 0]
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
         # ViT: crop-and-encode (also the identity for the whole-image box)
-        rv = M.region_features(vit, imgs, QUADRANTS.expand(3, 4, 4))
+        rv = M.region_features(vit, imgs, QUADRANTS.expand(3, 4, 4), method="crop")
         assert rv.shape == (3, 4, 64)
         ref_v = F.normalize(vit.encode_image(M.preprocess(imgs, 64)), dim=-1)
-        torch.testing.assert_close(M.region_features(vit, imgs, full)[:, 0], ref_v, atol=1e-5, rtol=0)
+        torch.testing.assert_close(M.region_features(vit, imgs, full, method="crop")[:, 0], ref_v, atol=1e-5, rtol=0)
         # a quadrant crop = encoding the quadrant cut out and resized
         q = imgs[:, :, 28:56, 0:28]
         torch.testing.assert_close(rv[:, 2], F.normalize(vit.encode_image(M.preprocess(q, 64)), dim=-1),

@@ -10,9 +10,15 @@ then the remaining layers and the attention pool run on the resampled regions ex
 result is L2-normalised. Because the region fills the grid the attention pool was built for, no positional
 embedding is interpolated. Differentiable (the mitigation loss trains through it).
 
-For any other tower (``method="crop"``, the default for ViTs): each box is cut out of the (float) image and
-resized to the model's input size by the same ``roi_align`` call on the pixels, then encoded with
-``encode_image`` — crop-and-encode, one forward per region, batched.
+For an open_clip **VisionTransformer** (``method="patch"``, the default there): the tower runs once per image; the
+final patch tokens under each box are averaged with weights = the fraction of each patch cell the box covers
+(a box narrower than a patch takes the patch under its centre), then the tower's own head runs on that pooled
+token (``ln_post`` before or after pooling, as the tower does it, then ``proj``). One forward per image whatever
+the number of boxes; differentiable. The pooled CLS token of the same forward is the image embedding.
+
+For any tower (``method="crop"``, the parity mode; the default for towers that are neither): each box is cut
+out of the (float) image and resized to the model's input size by the same ``roi_align`` call on the pixels,
+then encoded with ``encode_image`` — crop-and-encode, one forward per region, batched.
 
 Region content vs context: layer3 cells have receptive fields wider than a quadrant, so pixels just outside a box
 do leak into its embedding a little; the tests bound that leak relative to changing the box's own content.
@@ -20,13 +26,13 @@ do leak into its embedding a little; the tests bound that leak relative to chang
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
 RESNET_LAYERS = ("stem", "layer1", "layer2", "layer3", "layer4")
-METHODS = ("auto", "roi", "crop")
+METHODS = ("auto", "roi", "patch", "crop")
 
 
 def _boxes_to_rois(boxes: torch.Tensor | Sequence[torch.Tensor], n_images: int, device, dtype):
@@ -79,6 +85,72 @@ def _resnet_trunk(vis: torch.nn.Module, x: torch.Tensor, stop: int) -> torch.Ten
     return x
 
 
+def _vit_tokens(vis: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(image embeddings before normalisation (B, D), patch tokens (B, L, W), ln_post_applied)`` of an open_clip
+    VisionTransformer: one forward, the tower's own pieces (``_embeds``, ``transformer``, ``_pool``)."""
+    if getattr(vis, "attn_pool", None) is not None or getattr(vis, "pool_type", "tok") not in ("tok", "avg"):
+        raise ValueError("method: 'patch' needs a ViT tower with token or average pooling (no attentional pooler); "
+                         "use method='crop'")
+    h = vis.transformer(vis._embeds(x))
+    after = bool(getattr(vis, "final_ln_after_pool", False))
+    if after:
+        pooled, tokens = vis._global_pool(h)
+        pooled = vis.ln_post(pooled)
+    else:
+        h = vis.ln_post(h)
+        pooled, tokens = vis._global_pool(h)
+    if vis.proj is not None:
+        pooled = pooled @ vis.proj
+    return pooled, tokens, not after
+
+
+def patch_weights(rois: torch.Tensor, grid: tuple[int, int], input_size: tuple[int, int],
+                  scale: float) -> torch.Tensor:
+    """``(R, gh * gw)`` pooling weights of boxes over a ViT patch grid: the covered fraction of each patch cell
+    (rows sum to 1); a box that covers no cell's area takes the cell under its centre. ``rois`` (R, 5)
+    ``[image, x1, y1, x2, y2]`` in pixels of the images as given, ``scale`` = model input width / image width."""
+    gh, gw = grid
+    ph, pw = input_size[0] / gh, input_size[1] / gw
+    b = rois[:, 1:].float() * scale
+    x1, y1, x2, y2 = b.unbind(1)
+    cx = torch.arange(gw, device=rois.device, dtype=torch.float32) * pw
+    cy = torch.arange(gh, device=rois.device, dtype=torch.float32) * ph
+    ox = (torch.minimum(x2[:, None], cx + pw) - torch.maximum(x1[:, None], cx)).clamp_min(0) / pw  # (R, gw)
+    oy = (torch.minimum(y2[:, None], cy + ph) - torch.maximum(y1[:, None], cy)).clamp_min(0) / ph  # (R, gh)
+    w = (oy[:, :, None] * ox[:, None, :]).reshape(-1, gh * gw)
+    tot = w.sum(1, keepdim=True)
+    ci = ((y1 + y2) / 2 / ph).floor().clamp(0, gh - 1).long() * gw + ((x1 + x2) / 2 / pw).floor().clamp(0, gw - 1).long()
+    centre = F.one_hot(ci, gh * gw).float()
+    return torch.where(tot > 0, w / tot.clamp_min(1e-12), centre)
+
+
+def _vit_regions(vis: torch.nn.Module, x: torch.Tensor, rois: torch.Tensor, counts: list[int],
+                 w_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(region embeddings (R, D), image embeddings (B, D)), unnormalised, from one ViT forward of ``x``."""
+    pooled, tokens, ln_done = _vit_tokens(vis, x)
+    B, L, W = tokens.shape
+    grid = tuple(int(g) for g in vis.grid_size)
+    if grid[0] * grid[1] != L:
+        raise ValueError(f"method: 'patch' expected {grid[0]} x {grid[1]} patch tokens, got {L}")
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    w = patch_weights(rois, grid, size, size[1] / float(w_in)).to(tokens.dtype)  # (R, L)
+    R = w.shape[0]
+    kmax = max(counts) if counts else 0
+    idx = rois[:, 0].long()
+    start = torch.zeros(B, dtype=torch.long, device=x.device)
+    if B > 1:
+        start[1:] = torch.as_tensor(counts[:-1], device=x.device).cumsum(0)
+    pos = torch.arange(R, device=x.device) - start[idx]
+    wp = tokens.new_zeros(B, max(kmax, 1), L)
+    wp[idx, pos] = w
+    reg = torch.bmm(wp, tokens)[idx, pos]  # (R, W): one batched GEMM, no (R, L, W) gather
+    if not ln_done:
+        reg = vis.ln_post(reg)
+    if vis.proj is not None:
+        reg = reg @ vis.proj
+    return reg, pooled
+
+
 def region_features(
     model: torch.nn.Module,
     images: Any,
@@ -112,15 +184,39 @@ def region_features(
     that order) or, when ``boxes`` is None, from each batch: its ``"region_boxes"`` ``(B, K, 4)`` (spurious-MNIST
     quadrants) if it has them, else its ``"box"`` ``(B, 4)`` (one box per image: output ``(N, 1, D)``).
     """
-    from torchvision.ops import roi_align
-
-    from vlmfast.models.factory import image_size, model_device, model_family, preprocess_for
-
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if not isinstance(images, torch.Tensor):
         return _region_features_batched(model, images, boxes, batch_size, layer=layer, method=method,
                                         normalize=normalize, output_size=output_size, sampling_ratio=sampling_ratio)
+    prep = _prepare(model, images, boxes, method)
+    feats, _ = _region_forward(model, prep, layer, output_size, sampling_ratio, with_image=False)
+    if normalize:
+        feats = F.normalize(feats, dim=-1)
+    if prep.padded:
+        return feats.reshape(prep.n, prep.counts[0] if prep.counts else 0, -1)
+    return feats
+
+
+class _Prepared(NamedTuple):
+    x: torch.Tensor  # (n, 3, S, S) preprocessed float on the model's device
+    rois: torch.Tensor  # (R, 5) float32 [image, x1, y1, x2, y2] in pixels of the images as given
+    counts: list[int]
+    padded: bool
+    method: str  # resolved: roi | patch | crop
+    n: int
+    w_in: int
+    vis: torch.nn.Module
+    param_dtype: torch.dtype
+
+
+def _prepare(model: torch.nn.Module, images: torch.Tensor, boxes: Any, method: str) -> _Prepared:
+    """Checks, boxes to RoIs, preprocessing and the resolved method, for an image tensor (shared by
+    :func:`region_features` and :func:`vlmfast.audit.regions.region_embeddings`)."""
+    from vlmfast.models.factory import image_size, model_device, model_family, preprocess_for
+
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if images.is_meta:
         raise ValueError(f"images: expected a tensor with data, got a meta tensor {tuple(images.shape)}")
     if boxes is None:
@@ -129,9 +225,11 @@ def region_features(
         raise ValueError(f"images: expected shape (N, 3, H, W), got {tuple(images.shape)}")
     family = model_family(model)
     if method == "auto":
-        method = "roi" if family == "resnet" else "crop"
+        method = {"resnet": "roi", "vit": "patch"}.get(family, "crop")
     if method == "roi" and family != "resnet":
         raise ValueError(f"method: 'roi' needs an open_clip ModifiedResNet image tower, got family {family!r}")
+    if method == "patch" and family != "vit":
+        raise ValueError(f"method: 'patch' needs an open_clip VisionTransformer image tower, got family {family!r}")
     n, _, h_in, w_in = images.shape
     if h_in != w_in:
         raise ValueError(f"images: expected square images (boxes scale by one factor), got {h_in} x {w_in}")
@@ -147,7 +245,21 @@ def region_features(
         x = images.to(device=device, dtype=torch.float32)
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return _Prepared(x, rois, counts, padded, method, n, w_in, vis, param_dtype)
 
+
+def _region_forward(model, prep: _Prepared, layer, output_size, sampling_ratio,
+                    *, with_image: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(region features (R, D), image features (B, D) or None)`` in float32, unnormalised, for a preprocessed
+    float batch ``x`` and checked ``rois``. The image features come from the same forward for ``roi`` and
+    ``patch`` (the trunk / tokens are shared), from ``encode_image`` for ``crop``."""
+    from torchvision.ops import roi_align
+
+    from vlmfast.models.factory import image_size
+
+    x, rois, counts, method, w_in, vis, param_dtype = (prep.x, prep.rois, prep.counts, prep.method, prep.w_in,
+                                                       prep.vis, prep.param_dtype)
+    image = None
     if method == "roi":
         if layer == "auto":
             layer = roi_layer(model)
@@ -161,18 +273,20 @@ def region_features(
         regions = roi_align(fmap.float(), rois, output_size=grid, spatial_scale=scale,
                             sampling_ratio=sampling_ratio, aligned=True)
         feats = _resnet_forward_from(vis, regions.to(param_dtype), stop + 1)
+        if with_image:
+            image = _resnet_forward_from(vis, fmap, stop + 1)
+    elif method == "patch":
+        feats, image = _vit_regions(vis, x.to(param_dtype), rois, counts, w_in)
     else:
+        size = image_size(model)
         grid = size if output_size is None else (
             (output_size, output_size) if isinstance(output_size, int) else tuple(output_size))
         crops = roi_align(x, rois, output_size=grid, spatial_scale=size[1] / float(w_in),
                           sampling_ratio=sampling_ratio, aligned=True)
         feats = model.encode_image(crops.to(param_dtype))
-    feats = feats.float()
-    if normalize:
-        feats = F.normalize(feats, dim=-1)
-    if padded:
-        return feats.reshape(n, counts[0] if counts else 0, -1)
-    return feats
+        if with_image:
+            image = model.encode_image(x.to(param_dtype))
+    return feats.float(), (image.float() if image is not None else None)
 
 
 def _region_features_batched(model, data: Any, boxes, batch_size: int, **kwargs: Any) -> torch.Tensor:
