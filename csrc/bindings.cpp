@@ -13,6 +13,7 @@
 #include "equal_mass_bins.h"
 #include "kmeans_assign.h"
 #include "prompt_logits.h"
+#include "region_loss.h"
 #include "tensor.h"
 #include "vlmfast_build_config.h"
 
@@ -232,6 +233,38 @@ PYBIND11_MODULE(_C, m) {
       py::arg("sums"), py::arg("counts"), py::arg("num_threads") = 0,
       "k-means assignment rows of an (R, k) float32 CPU score chunk z = x @ c^T: labels, scores, and the float64 "
       "sums / int64 counts accumulated (see kmeans_assign.h). xx / cc may be None for metric ip.");
+
+  m.def(
+      "region_loss_stats_rows",
+      [](const py::object& c, double inv_tau, const py::object& rel, const py::object& spu, const py::object& present,
+         const py::object& m, const py::object& am, const py::object& sl, const py::object& smax,
+         const py::object& sarg, int num_threads) {
+        const TensorView cv = to_view(c, "c"), rv = to_view(rel, "rel"), sv = to_view(spu, "spu"),
+                         pv = to_view(present, "present");
+        const TensorView o1 = to_view(m, "m"), o2 = to_view(am, "am"), o3 = to_view(sl, "sl"),
+                         o4 = to_view(smax, "smax"), o5 = to_view(sarg, "sarg");
+        py::gil_scoped_release nogil;
+        vlmfast::region_loss_stats_rows_cpu(cv, inv_tau, rv, sv, pv, o1, o2, o3, o4, o5, num_threads);
+      },
+      py::arg("c"), py::arg("inv_tau"), py::arg("rel"), py::arg("spu"), py::arg("present"), py::arg("m"),
+      py::arg("am"), py::arg("sl"), py::arg("smax"), py::arg("sarg"), py::arg("num_threads") = 0,
+      "region loss forward, one (nb, R, C) float32 CPU cosine chunk: masked max/argmax over the relevant regions, "
+      "LSE over the spurious ones, best present class per region (see region_loss.h).");
+
+  m.def(
+      "region_loss_grad_rows",
+      [](const py::object& c, double inv_tau, const py::object& spu, const py::object& am, const py::object& dm,
+         const py::object& za, const py::object& ga, const py::object& sarg, const py::object& dsmax,
+         int num_threads) {
+        const TensorView cv = to_view(c, "c"), sv = to_view(spu, "spu"), av = to_view(am, "am"),
+                         dv = to_view(dm, "dm"), zv = to_view(za, "za"), gv = to_view(ga, "ga"),
+                         kv = to_view(sarg, "sarg"), ev = to_view(dsmax, "dsmax");
+        py::gil_scoped_release nogil;
+        vlmfast::region_loss_grad_rows_cpu(cv, inv_tau, sv, av, dv, zv, gv, kv, ev, num_threads);
+      },
+      py::arg("c"), py::arg("inv_tau"), py::arg("spu"), py::arg("am"), py::arg("dm"), py::arg("za"), py::arg("ga"),
+      py::arg("sarg"), py::arg("dsmax"), py::arg("num_threads") = 0,
+      "region loss backward, one chunk: overwrites c IN PLACE with dsim (see region_loss.h).");
 
   m.def(
       "calibration_bins_cuda",

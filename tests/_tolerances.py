@@ -32,6 +32,11 @@ numpy float64 oracle on the same upcast values (tests/test_kmeans_assign.py). ``
   tie:    (gap, unused): two centroids whose float64 scores differ by at most gap times the row's scale are a
           near-tie: either label is accepted
   sums:   per-centroid sums vs float64 sums of the returned labels (atol relative to max|x|, rtol)
+region_loss computes in float32 from upcast inputs and is compared with autograd through the per-image loop formula
+(region_loss_ref) on the same upcast inputs, and with a numpy float64 oracle (tests/test_region_loss.py):
+  loss:   the per-image L_R / L_A and the reduced loss (atol, rtol); oracle: float32 vs float64 (atol, rtol)
+  grad:   d regions, d text (in the input dtype: float16/bfloat16 add their own rounding), relative to the largest
+          entry of the reference gradient (atol is scaled by it); oracle_grad: vs float64 central differences
 """
 
 import torch
@@ -47,7 +52,12 @@ _CL_F32 = {"loss": (2e-5, 2e-5), "grad": (2e-5, 1e-4)}
 
 _KA = {"score": (1e-5, 1e-5), "tie": (1e-5, 0.0), "sums": (1e-6, 1e-6)}
 
+_RL_F32 = {"loss": (2e-5, 2e-5), "grad": (2e-5, 1e-4), "oracle": (2e-5, 1e-5), "oracle_grad": (2e-5, 1e-4)}
+
 TOLERANCES = {
+    ("region_loss", torch.float32): _RL_F32,
+    ("region_loss", torch.float16): {**_RL_F32, "grad": (1e-3, 2e-3)},
+    ("region_loss", torch.bfloat16): {**_RL_F32, "grad": (8e-3, 1.6e-2)},
     ("kmeans_assign", torch.float32): _KA,
     ("kmeans_assign", torch.float16): _KA,
     ("kmeans_assign", torch.bfloat16): _KA,

@@ -58,7 +58,7 @@ def test_patch_regions_equal_pooled_tokens_of_the_tower(vit):
     g = torch.Generator().manual_seed(1)
     imgs = torch.randint(0, 256, (3, 3, 56, 56), dtype=torch.uint8, generator=g)
     with torch.no_grad():
-        got = M.region_features(vit, imgs, QUADRANTS.expand(3, 4, 4))  # auto: patch for a ViT
+        got = M.region_features(vit, imgs, QUADRANTS.expand(3, 4, 4), patch_pool="mean")
         assert got.shape == (3, 4, 64)
         vis = vit.visual
         vis.output_tokens = True
@@ -71,8 +71,26 @@ def test_patch_regions_equal_pooled_tokens_of_the_tower(vit):
         want = torch.stack([F.normalize(q.reshape(3, 16, -1).mean(1) @ vis.proj, dim=-1) for q in quads], dim=1)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         # the whole-image box: the mean of all patch tokens, not the CLS token
-        full = M.region_features(vit, imgs, torch.tensor([[[0.0, 0, 56, 56]]]).expand(3, 1, 4))[:, 0]
+        full = M.region_features(vit, imgs, torch.tensor([[[0.0, 0, 56, 56]]]).expand(3, 1, 4), patch_pool="mean")[:, 0]
         torch.testing.assert_close(full, F.normalize(tokens.mean(1) @ vis.proj, dim=-1), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        # patch_pool="attn" (the default): the last block with the CLS query restricted to the box's patches =
+        # the last block run on the subsequence [CLS, the box's patches]; the whole-image box = encode_image
+        att = M.region_features(vit, imgs, QUADRANTS.expand(3, 4, 4))
+        x = M.preprocess(imgs, 64)
+        h = vis._embeds(x)
+        for blk in vis.transformer.resblocks[:-1]:
+            h = blk(h)
+        cells = torch.arange(64).reshape(8, 8)
+        for q, (r0, c0) in enumerate([(0, 0), (0, 4), (4, 0), (4, 4)]):
+            keep = torch.cat([torch.zeros(1, dtype=torch.long), 1 + cells[r0:r0 + 4, c0:c0 + 4].reshape(-1)])
+            cls = vis.transformer.resblocks[-1](h[:, keep])[:, 0]
+            want_q = F.normalize(vis.ln_post(cls) @ vis.proj, dim=-1)
+            torch.testing.assert_close(att[:, q], want_q, atol=1e-5, rtol=1e-5)
+        whole = M.region_features(vit, imgs, torch.tensor([[[0.0, 0, 56, 56]]]).expand(3, 1, 4))[:, 0]
+        torch.testing.assert_close(whole, F.normalize(vit.encode_image(x), dim=-1), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="patch_pool: expected one of"):
+        M.region_features(vit, imgs, QUADRANTS.expand(3, 4, 4), patch_pool="max")
     # differentiable: the mitigation loss trains through it
     r = M.region_features(vit, imgs[:1], QUADRANTS[None])
     r.sum().backward()

@@ -255,7 +255,7 @@ _OPS: dict[str, OpDef] = {}
 
 #: Modules that define the package's ops (imported by :func:`load_ops`; each registers on import).
 OP_MODULES = ("vlmfast.ops.calibration_bins", "vlmfast.ops.equal_mass_bins", "vlmfast.ops.prompt_logits",
-              "vlmfast.ops.contrastive_loss", "vlmfast.ops.kmeans_assign")
+              "vlmfast.ops.contrastive_loss", "vlmfast.ops.kmeans_assign", "vlmfast.ops.region_loss")
 
 
 def define_op(name: str, *, device_arg: str, probe: Callable[[str], dict[str, Any]] | None = None,

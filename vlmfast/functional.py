@@ -12,7 +12,8 @@ from vlmfast.ops.prompt_logits import (
     prompt_logits_loss,
     prompt_logits_ref,
 )
+from vlmfast.ops.region_loss import RegionLossOutput, region_loss, region_loss_ref
 
 __all__ = ["CalibrationBins", "calibration_bins", "calibration_bins_ref", "Teacher", "clip_loss", "clip_loss_ref", "equal_mass_bins", "equal_mass_bins_ref",
            "PromptLogitsLoss", "PromptLogitsOutput", "prompt_logits", "prompt_logits_loss", "prompt_logits_ref",
-           "KMeansAssignment", "kmeans_assign", "kmeans_assign_ref"]
+           "KMeansAssignment", "kmeans_assign", "kmeans_assign_ref", "RegionLossOutput", "region_loss", "region_loss_ref"]

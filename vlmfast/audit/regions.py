@@ -89,7 +89,8 @@ def _boxes_of_batch(b: dict, boxes: Any, offset: int, m: int) -> Any:
 
 
 def region_embeddings(model: torch.nn.Module, data: Any, boxes: Tensor | Sequence[Tensor] | None = None, *,
-                      method: str = "auto", layer: str = "auto", batch_size: int = 256, device: Any = None,
+                      method: str = "auto", layer: str = "auto", patch_pool: str = "attn", batch_size: int = 256,
+                      device: Any = None,
                       normalize: bool = True, grad: bool = False, amp: bool = True, keep_on_device: bool = False,
                       progress: bool = False) -> RegionEmbeddings:
     """Region and image embeddings of ``data`` (module docstring).
@@ -101,6 +102,8 @@ def region_embeddings(model: torch.nn.Module, data: Any, boxes: Tensor | Sequenc
         boxes: ``(N, K, 4)`` or a list of ``(K_i, 4)`` boxes ``[x1, y1, x2, y2]`` in pixels of the images as
             given; default: each batch's ``region_boxes`` (or its single ``box``).
         method: ``"auto"``, ``"roi"``, ``"patch"`` or ``"crop"``. ``layer``: the ResNet cut for ``roi``.
+        patch_pool: ViT ``patch`` pooling: ``"attn"`` (masked CLS attention in the last block, the default) or
+            ``"mean"`` (covered-fraction mean of the final patch tokens).
         batch_size: images per forward. ``device``: move the model there first (default: where it is).
         grad: keep the autograd graph (default: inference under ``no_grad``).
         progress: a progress bar over the batches (tqdm when installed).
@@ -133,7 +136,7 @@ def region_embeddings(model: torch.nn.Module, data: Any, boxes: Tensor | Sequenc
             prep = _prepare(model, x, bb, method)
             use_amp = amp and prep.x.device.type == "cuda"
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                r, im = _region_forward(model, prep, layer, None, 0, with_image=True)
+                r, im = _region_forward(model, prep, layer, None, 0, with_image=True, patch_pool=patch_pool)
             if normalize:
                 r, im = F.normalize(r, dim=-1), F.normalize(im, dim=-1)
             if not keep_on_device:

@@ -110,6 +110,14 @@ class SpuriousResult:
     silhouettes: dict[int, float] = field(default_factory=dict)
     threshold: float = 0.25
     notes: list[str] = field(default_factory=list)
+    #: ``(K, d)`` float32: the embedding of every cluster's medoid (row = cluster id; the frozen clustering that
+    #: the mitigation assigns fine-tuning regions to, :func:`vlmfast.tuning.region.split_regions`)
+    medoid_embeddings: np.ndarray | None = None
+
+    @property
+    def spurious_ids(self) -> list[int]:
+        """The ids of the kept clusters, in rank order."""
+        return [c.id for c in self.clusters]
 
     @property
     def found(self) -> bool:
@@ -344,7 +352,8 @@ def discover_from_scores(region_embeddings: Any, labels: Any, predictions: Any, 
     full = lambda v, fill: _by_id(ids, v, fill)  # noqa: E731
     return SpuriousResult(k=int(k), silhouette=sil, labels=cl, medoids=med, gaps=full(gaps, np.nan),
                           influence=full(infl, -np.inf), criterion=full(crit, False), clusters=out,
-                          silhouettes=sil_scores, threshold=float(threshold), notes=notes)
+                          silhouettes=sil_scores, threshold=float(threshold), notes=notes,
+                          medoid_embeddings=np.ascontiguousarray(emb[med], dtype=np.float32) if med.size else None)
 
 
 def _by_id(ids: np.ndarray, values: np.ndarray, fill) -> np.ndarray:

@@ -10,11 +10,16 @@ then the remaining layers and the attention pool run on the resampled regions ex
 result is L2-normalised. Because the region fills the grid the attention pool was built for, no positional
 embedding is interpolated. Differentiable (the mitigation loss trains through it).
 
-For an open_clip **VisionTransformer** (``method="patch"``, the default there): the tower runs once per image; the
-final patch tokens under each box are averaged with weights = the fraction of each patch cell the box covers
-(a box narrower than a patch takes the patch under its centre), then the tower's own head runs on that pooled
-token (``ln_post`` before or after pooling, as the tower does it, then ``proj``). One forward per image whatever
-the number of boxes; differentiable. The pooled CLS token of the same forward is the image embedding.
+For an open_clip **VisionTransformer** (``method="patch"``, the default there): the tower runs once per image up to
+its last block; in the last block, one CLS query per box attends only to itself and the patches the box covers
+(attention logits plus log of each patch's covered fraction relative to the most covered one, -inf elsewhere),
+then the block's MLP, ``ln_post`` and ``proj`` run on it (``patch_pool="attn"``): the image's own CLS path
+restricted to the box, so a whole-image box gives the image embedding exactly. ``patch_pool="mean"`` instead
+averages the final patch tokens under the box (covered-fraction weights) and projects the mean; CLIP's final
+patch tokens are poorly aligned with text, so that mode classifies regions much worse (tiny pretrained ViT,
+digit quadrant zero-shot on 400 test composites: mean 25.7 %, attn 92.5 %, crop-and-encode 92.5 %). A box narrower than a patch takes
+the patch under its centre. One forward per image whatever the number of boxes; differentiable. The pooled CLS
+token of the same forward is the image embedding.
 
 For any tower (``method="crop"``, the parity mode; the default for towers that are neither): each box is cut
 out of the (float) image and resized to the model's input size by the same ``roi_align`` call on the pixels,
@@ -124,9 +129,83 @@ def patch_weights(rois: torch.Tensor, grid: tuple[int, int], input_size: tuple[i
     return torch.where(tot > 0, w / tot.clamp_min(1e-12), centre)
 
 
+PATCH_POOLS = ("attn", "mean")
+
+
+def _padded_weights(rois: torch.Tensor, counts: list[int], B: int, w: torch.Tensor):
+    """Scatter per-region rows ``w (R, L)`` into ``(B, Kmax, L)``; returns it with the (image, slot) of each row."""
+    R, L = w.shape
+    kmax = max(counts) if counts else 0
+    idx = rois[:, 0].long()
+    start = torch.zeros(B, dtype=torch.long, device=w.device)
+    if B > 1:
+        start[1:] = torch.as_tensor(counts[:-1], device=w.device).cumsum(0)
+    pos = torch.arange(R, device=w.device) - start[idx]
+    wp = w.new_zeros(B, max(kmax, 1), L)
+    wp[idx, pos] = w
+    return wp, idx, pos
+
+
+def _vit_blocks(vis: torch.nn.Module, h: torch.Tensor, blocks) -> torch.Tensor:
+    tr = vis.transformer
+    bf = getattr(tr, "batch_first", True)
+    if not bf:
+        h = h.transpose(0, 1)
+    for blk in blocks:
+        h = blk(h)
+    return h if bf else h.transpose(0, 1)
+
+
+def _vit_regions_attn(vis: torch.nn.Module, x: torch.Tensor, rois: torch.Tensor, counts: list[int],
+                      w_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked CLS attention: all blocks but the last run once on the whole image; in the last block the CLS token
+    of each region attends only to itself and the patches its box covers (attention logits + log covered
+    fraction), then the block's MLP, ``ln_post`` and ``proj`` — the image's own CLS path, restricted to the box."""
+    tr = vis.transformer
+    blocks = list(tr.resblocks)
+    if getattr(vis, "final_ln_after_pool", False) or getattr(vis, "pool_type", "tok") != "tok" or \
+            getattr(vis, "attn_pool", None) is not None:
+        raise ValueError("method: 'patch' with patch_pool='attn' needs a ViT tower with CLS-token pooling; use "
+                         "patch_pool='mean' or method='crop'")
+    last = blocks[-1]
+    if not isinstance(getattr(last, "attn", None), torch.nn.MultiheadAttention) or hasattr(last, "ln_1_kv"):
+        raise ValueError("method: 'patch' with patch_pool='attn' needs open_clip ResidualAttentionBlocks; use "
+                         "patch_pool='mean' or method='crop'")
+    h = _vit_blocks(vis, vis._embeds(x), blocks[:-1])  # (B, 1 + L, W)
+    img = _vit_blocks(vis, h, blocks[-1:])[:, 0]
+    pooled = vis.ln_post(img)
+    if vis.proj is not None:
+        pooled = pooled @ vis.proj
+    B, T, W = h.shape
+    grid = tuple(int(g) for g in vis.grid_size)
+    if grid[0] * grid[1] != T - 1:
+        raise ValueError(f"method: 'patch' expected {grid[0]} x {grid[1]} patch tokens, got {T - 1}")
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    w = patch_weights(rois, grid, size, size[1] / float(w_in))  # (R, L)
+    # CLS always visible; a patch's logit + log(its coverage relative to the most covered patch): fully covered
+    # patches as in the image's own forward (a whole-image box gives the image embedding), -inf off the box
+    bias = torch.cat([torch.zeros_like(w[:, :1]), torch.log(w / w.amax(dim=1, keepdim=True))], dim=1)
+    bp, idx, pos = _padded_weights(rois, counts, B, bias)
+    kmax = bp.shape[1]
+    q = h[:, :1].expand(B, kmax, W)
+    heads = last.attn.num_heads
+    mask = bp.to(h.dtype).repeat_interleave(heads, dim=0)  # (B * heads, Kmax, T)
+    a = last.attn(last.ln_1(q), last.ln_1(h), last.ln_1(h), need_weights=False, attn_mask=mask)[0]
+    r = q + last.ls_1(a)
+    r = r + last.ls_2(last.mlp(last.ln_2(r)))
+    reg = vis.ln_post(r[idx, pos])
+    if vis.proj is not None:
+        reg = reg @ vis.proj
+    return reg, pooled
+
+
 def _vit_regions(vis: torch.nn.Module, x: torch.Tensor, rois: torch.Tensor, counts: list[int],
-                 w_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 w_in: int, patch_pool: str = "attn") -> tuple[torch.Tensor, torch.Tensor]:
     """(region embeddings (R, D), image embeddings (B, D)), unnormalised, from one ViT forward of ``x``."""
+    if patch_pool not in PATCH_POOLS:
+        raise ValueError(f"patch_pool: expected one of {PATCH_POOLS}, got {patch_pool!r}")
+    if patch_pool == "attn":
+        return _vit_regions_attn(vis, x, rois, counts, w_in)
     pooled, tokens, ln_done = _vit_tokens(vis, x)
     B, L, W = tokens.shape
     grid = tuple(int(g) for g in vis.grid_size)
@@ -134,15 +213,7 @@ def _vit_regions(vis: torch.nn.Module, x: torch.Tensor, rois: torch.Tensor, coun
         raise ValueError(f"method: 'patch' expected {grid[0]} x {grid[1]} patch tokens, got {L}")
     size = (int(x.shape[-2]), int(x.shape[-1]))
     w = patch_weights(rois, grid, size, size[1] / float(w_in)).to(tokens.dtype)  # (R, L)
-    R = w.shape[0]
-    kmax = max(counts) if counts else 0
-    idx = rois[:, 0].long()
-    start = torch.zeros(B, dtype=torch.long, device=x.device)
-    if B > 1:
-        start[1:] = torch.as_tensor(counts[:-1], device=x.device).cumsum(0)
-    pos = torch.arange(R, device=x.device) - start[idx]
-    wp = tokens.new_zeros(B, max(kmax, 1), L)
-    wp[idx, pos] = w
+    wp, idx, pos = _padded_weights(rois, counts, B, w)
     reg = torch.bmm(wp, tokens)[idx, pos]  # (R, W): one batched GEMM, no (R, L, W) gather
     if not ln_done:
         reg = vis.ln_post(reg)
@@ -162,6 +233,7 @@ def region_features(
     output_size: int | tuple[int, int] | None = None,
     sampling_ratio: int = 0,
     batch_size: int = 256,
+    patch_pool: str = "attn",
 ) -> torch.Tensor:
     """Region embeddings, ``(N, K, D)`` for ``boxes`` of shape ``(N, K, 4)``, or ``(sum K_i, D)`` (image-major
     order) for a list of ``(K_i, 4)`` tensors.
@@ -188,9 +260,11 @@ def region_features(
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if not isinstance(images, torch.Tensor):
         return _region_features_batched(model, images, boxes, batch_size, layer=layer, method=method,
-                                        normalize=normalize, output_size=output_size, sampling_ratio=sampling_ratio)
+                                        normalize=normalize, output_size=output_size, sampling_ratio=sampling_ratio,
+                                        patch_pool=patch_pool)
     prep = _prepare(model, images, boxes, method)
-    feats, _ = _region_forward(model, prep, layer, output_size, sampling_ratio, with_image=False)
+    feats, _ = _region_forward(model, prep, layer, output_size, sampling_ratio, with_image=False,
+                               patch_pool=patch_pool)
     if normalize:
         feats = F.normalize(feats, dim=-1)
     if prep.padded:
@@ -249,7 +323,7 @@ def _prepare(model: torch.nn.Module, images: torch.Tensor, boxes: Any, method: s
 
 
 def _region_forward(model, prep: _Prepared, layer, output_size, sampling_ratio,
-                    *, with_image: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    *, with_image: bool, patch_pool: str = "attn") -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(region features (R, D), image features (B, D) or None)`` in float32, unnormalised, for a preprocessed
     float batch ``x`` and checked ``rois``. The image features come from the same forward for ``roi`` and
     ``patch`` (the trunk / tokens are shared), from ``encode_image`` for ``crop``."""
@@ -276,7 +350,7 @@ def _region_forward(model, prep: _Prepared, layer, output_size, sampling_ratio,
         if with_image:
             image = _resnet_forward_from(vis, fmap, stop + 1)
     elif method == "patch":
-        feats, image = _vit_regions(vis, x.to(param_dtype), rois, counts, w_in)
+        feats, image = _vit_regions(vis, x.to(param_dtype), rois, counts, w_in, patch_pool)
     else:
         size = image_size(model)
         grid = size if output_size is None else (
