@@ -189,4 +189,55 @@ def heatmap_overlays(
     return out
 
 
-__all__ = ["heatmap_overlays", "reliability_diagram"]
+def region_gallery(
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    path: str | os.PathLike,
+    titles: Sequence[str] | None = None,
+    *,
+    ncols: int = 5,
+    title: str | None = None,
+    dpi: int = 120,
+) -> Path:
+    """Write a PNG grid of regions: each tile is the whole image ``images[i]`` (``(K, 3, H, W)`` uint8 or float in
+    [0, 1]) with its region ``boxes[i]`` (``(K, 4)`` ``[x1, y1, x2, y2]`` pixels) outlined, in the order given (e.g.
+    the top spurious cluster's regions ranked by similarity to the medoid)."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images: expected (K, 3, H, W), got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    k = images.shape[0]
+    if k == 0:
+        raise ValueError("images: expected at least one image, got none")
+    if not isinstance(boxes, torch.Tensor) or tuple(boxes.shape) != (k, 4):
+        raise ValueError(f"boxes: expected shape {(k, 4)}, got "
+                         f"{tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__}")
+    if titles is not None and len(titles) != k:
+        raise ValueError(f"titles: expected {k} titles, got {len(titles)}")
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "vlmfast.plot").FigureCanvasAgg
+    Figure = require("matplotlib.figure", "vlmfast.plot").Figure
+    Rectangle = require("matplotlib.patches", "vlmfast.plot").Rectangle
+    ncols = max(1, min(ncols, k))
+    nrows = math.ceil(k / ncols)
+    img = images.detach().cpu()
+    img = (img.float() / 255.0 if img.dtype == torch.uint8 else img.float()).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    b = boxes.detach().cpu().float()
+    fig = Figure(figsize=(2.0 * ncols, 2.2 * nrows), dpi=dpi)
+    FigureCanvasAgg(fig)
+    for i in range(k):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        ax.imshow(img[i], interpolation="nearest")
+        x1, y1, x2, y2 = (float(v) for v in b[i])
+        ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, edgecolor="yellow", linewidth=1.5))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, bbox_inches="tight")
+    return out
+
+
+__all__ = ["heatmap_overlays", "region_gallery", "reliability_diagram"]

@@ -29,6 +29,7 @@ from vlmfast.cli._common import write_json
 
 PROMPT_METHODS = ("coop", "cocoop", "kgcoop")
 ROBUST_METHODS = ("flyp", "carot", "ft", "lp", "lpft")
+REGION_METHODS = ("ravl",)
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -37,7 +38,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                        description="Prompt-tune a frozen CLIP on the built-in digits (base classes) and report "
                                    "base/new accuracy, H and calibration against zero-shot; or fine-tune it "
                                    "(FLYP, CaRot, FT, LP, LP-FT) and report ID / shifted accuracy and calibration.")
-    p.add_argument("--method", choices=PROMPT_METHODS + ROBUST_METHODS, default="coop")
+    p.add_argument("--method", choices=PROMPT_METHODS + ROBUST_METHODS + REGION_METHODS, default="coop")
     p.add_argument("--dor", action="store_true", help="add the DOR outlier regulariser")
     p.add_argument("--model", default="base",
                    help="an open_clip config name (random init) or 'base' (the tiny pretrained CLIP; default)")
@@ -56,6 +57,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--test-n", type=int, default=1000, help="test composites (default 1000)")
     p.add_argument("--severity", type=int, default=3, help="corruption severity of the robust shifts (default 3)")
     p.add_argument("--wise", action="store_true", help="robust methods: WiSE-FT sweep alpha = 0, 0.1, ..., 1")
+    p.add_argument("--strength", type=float, default=None,
+                   help="Cramer's V of the red square with 'nine' in the training build (default 0 for the robust "
+                        "methods, 0.95 for ravl)")
+    p.add_argument("--discovery", default=None,
+                   help="ravl: the output folder of `vlmfast audit spurious` (its medoids and Stage-1 model)")
+    p.add_argument("--lam", type=float, default=0.8, help="ravl: weight of the CLIP loss (default 0.8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu / cuda (default: CUDA when available)")
     p.add_argument("--out", default="out/finetune", help="output folder (default: out/finetune)")
@@ -77,7 +84,15 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: expected a folder, got the file {str(out)!r}")
-    robust = args.method in ROBUST_METHODS
+    robust = args.method in ROBUST_METHODS + REGION_METHODS
+    if args.strength is None:
+        args.strength = 0.95 if args.method in REGION_METHODS else 0.0
+    if not 0.0 <= args.strength < 1.0:
+        raise ValueError(f"--strength: expected a number in [0, 1), got {args.strength}")
+    if args.method in REGION_METHODS and not args.discovery:
+        raise ValueError("--discovery: --method ravl needs the output folder of `vlmfast audit spurious`")
+    if args.method not in ROBUST_METHODS + REGION_METHODS and args.strength:
+        raise ValueError("--strength: prompt tuning trains on the unbiased build; drop --strength")
     if args.batch_size is None:
         args.batch_size = 128 if robust else 32
     for opt, v, low in (("--shots", args.shots, 1), ("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
@@ -94,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         model, _ = pretrain_base(preset=args.base_preset, device=args.device, progress=progress)
     else:
         model = create_model(args.model, device=args.device)
+    if args.method in REGION_METHODS:
+        return _run_ravl(args, model, out, progress)
     if robust:
         return _run_robust(args, model, out, progress)
     if args.lr is None:
@@ -131,7 +148,7 @@ def _run_robust(args: argparse.Namespace, model: Any, out: Path, progress: Any) 
     from vlmfast.data import CLASSNAMES, spurious_mnist
     from vlmfast.tuning import robust as R
 
-    train = spurious_mnist("train", n=args.train_n, strength=0.0, seed=args.seed)
+    train = spurious_mnist("train", n=args.train_n, strength=args.strength, seed=args.seed)
     res = R.fit(model, train, args.method, classnames=list(CLASSNAMES), steps=args.steps,
                 batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=progress)
     splits, id_name, ood = R.digit_splits(args.test_n, args.seed, args.severity)
@@ -151,5 +168,47 @@ def _run_robust(args: argparse.Namespace, model: Any, out: Path, progress: Any) 
                                       "hparams": res.hparams, "checkpoint": str(folder),
                                       "train_losses": res.train_log.get("losses", [])})
     print(R.format_results(rows, id_name, ood))
+    print(f"model + head: {folder}; results: {out / 'results.json'}")
+    return 0
+
+
+def _run_ravl(args: argparse.Namespace, model: Any, out: Path, progress: Any) -> int:
+    import json
+
+    from safetensors.torch import load_file
+
+    from vlmfast.cli.audit import load_clip
+    from vlmfast.data import CLASSNAMES, spurious_mnist
+    from vlmfast.tuning import region as TR
+
+    disc = Path(args.discovery)
+    if not (disc / "results.json").is_file() or not (disc / "medoids.safetensors").is_file():
+        raise ValueError(f"--discovery: expected a folder with results.json and medoids.safetensors (the output of "
+                         f"`vlmfast audit spurious`), got {str(disc)!r}")
+    info = json.loads((disc / "results.json").read_text())
+    if not info.get("found"):
+        raise ValueError(f"--discovery: {disc} found no spurious cluster; nothing to mitigate")
+    med = load_file(str(disc / "medoids.safetensors"))
+    ids = med["spurious_ids"].tolist()[:1]  # the top cluster
+    _, stage1 = load_clip(info["model"], base_preset=info.get("base_preset", "test"), device=args.device,
+                          progress=progress)
+    train = spurious_mnist("train", n=args.train_n, strength=args.strength, seed=args.seed)
+    test = spurious_mnist("test", n=args.test_n, seed=args.seed + 1)
+    split = TR.split_regions(stage1, train, med["medoid_embeddings"], ids)
+    res = TR.fit(model, train, split=split, classnames=list(CLASSNAMES), steps=args.steps,
+                 batch_size=args.batch_size, lr=1e-4 if args.lr is None else args.lr, lam=args.lam, seed=args.seed,
+                 progress=progress)
+    rows = {"zero-shot": TR.evaluate_groups(res.zero_shot.eval(), test),
+            "ravl": TR.evaluate_groups(res.classifier, test)}
+    folder = res.save(out / "model")
+    write_json(out / "results.json", {"method": "ravl", "model": args.model, "seed": args.seed,
+                                      "strength": args.strength, "discovery": str(disc), "spurious_ids": ids,
+                                      "split": split.summary(), "results": rows, "hparams": res.hparams,
+                                      "checkpoint": str(folder), "train_losses": res.train_log.get("losses", [])})
+    print("| model | image acc | image worst-group | region acc | region worst-group |")
+    print("|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {100 * r['image']['accuracy']:.1f} | {100 * r['image']['worst_group']:.1f} | "
+              f"{100 * r['region']['accuracy']:.1f} | {100 * r['region']['worst_group']:.1f} |")
     print(f"model + head: {folder}; results: {out / 'results.json'}")
     return 0
