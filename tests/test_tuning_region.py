@@ -135,3 +135,42 @@ def test_bad_input(rn, train):
         TR.split_regions(rn, train, med, [0], boxes=torch.zeros(5, 4))
     with pytest.raises(TypeError, match="data: expected a dataset with .images"):
         TR.fit(rn, torch.zeros(3), steps=1)
+
+
+def test_cli_audit_spurious_then_finetune_ravl(tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from vlmfast.cli import main
+
+    out = tmp_path / "spurious"
+    rc = main(["audit", "spurious", "--model", "vlmfast-tiny-rn", "--n", "40", "--ks", "20:22", "--no-progress",
+               "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["k"] in (20, 21) and set(res) >= {"found", "precision_at_10", "clusters", "summary", "medoids"}
+    med = load_file(str(out / "medoids.safetensors"))
+    assert med["medoid_embeddings"].shape == (res["k"], 64)
+    assert (out / "gallery.png").is_file() == res["found"]
+    assert "Precision@10 (red-square quadrants)" in capsys.readouterr().out
+    # a discovery folder that found cluster 1 (hand-made), then the mitigation
+    disc = tmp_path / "disc"
+    disc.mkdir()
+    (disc / "results.json").write_text(json.dumps({"model": "vlmfast-tiny-rn", "found": True}))
+    save_file({"medoid_embeddings": F.normalize(torch.randn(3, 64, generator=torch.Generator().manual_seed(0)), dim=-1),
+               "spurious_ids": torch.tensor([1])}, str(disc / "medoids.safetensors"))
+    rc = main(["finetune", "--model", "vlmfast-tiny-rn", "--method", "ravl", "--discovery", str(disc), "--steps", "2",
+               "--train-n", "40", "--test-n", "20", "--batch-size", "8", "--no-progress", "--out",
+               str(tmp_path / "ravl")])
+    assert rc == 0
+    r = json.loads((tmp_path / "ravl" / "results.json").read_text())
+    assert r["method"] == "ravl" and r["spurious_ids"] == [1] and r["split"]["regions"] == 4 * 38
+    assert set(r["results"]) == {"zero-shot", "ravl"} and "worst_group" in r["results"]["ravl"]["image"]
+    assert (tmp_path / "ravl" / "model" / "head.safetensors").is_file()
+    assert "| ravl |" in capsys.readouterr().out
+    # usage errors: one line, exit 2
+    assert main(["finetune", "--model", "vlmfast-tiny-rn", "--method", "ravl", "--out", str(tmp_path / "x")]) == 2
+    assert "--discovery" in capsys.readouterr().err
+    assert main(["audit", "spurious", "--model", "vlmfast-tiny-rn", "--ks", "9", "--out", str(tmp_path / "y")]) == 2
+    assert "--ks: expected A:B" in capsys.readouterr().err
