@@ -100,3 +100,25 @@ def test_bad_input(args, exc, match):
         rationality(*args)
     with pytest.raises(ValueError, match="threshold"):
         rationality(torch.ones(1, 2, 2), torch.ones(1, 2, 2, dtype=torch.bool), torch.ones(1, dtype=torch.bool), 1.5)
+
+
+def test_masks_from_polygons():
+    from vlmfast.metrics import masks_from_boxes, masks_from_polygons
+
+    # an axis-aligned rectangle polygon equals the box mask; a flat COCO list equals the (V, 2) form
+    rect = [[2, 1], [7, 1], [7, 5], [2, 5]]
+    got = masks_from_polygons([[rect], [[2, 1, 7, 1, 7, 5, 2, 5]]], (8, 10))
+    want = masks_from_boxes(torch.tensor([[2.0, 1, 7, 5]]), (8, 10))[0]
+    assert torch.equal(got[0], want) and torch.equal(got[1], want)
+    # a right triangle: pixel centres with x + 0.5 < y + 0.5 (strictly below the diagonal) are inside
+    tri = masks_from_polygons([[[[0, 0], [0, 6], [6, 6]]]], 6)[0]
+    yy, xx = torch.meshgrid(torch.arange(6), torch.arange(6), indexing="ij")
+    assert torch.equal(tri, xx < yy)
+    # the union of two polygons; even-odd for a self-overlapping outline is per polygon, the union across them
+    two = masks_from_polygons([[rect, [[0, 6], [3, 6], [3, 8], [0, 8]]]], (8, 10))[0]
+    assert int(two.sum()) == 5 * 4 + 3 * 2
+    assert masks_from_polygons([[]], 4).sum() == 0  # no polygon: empty mask
+    with pytest.raises(ValueError, match=r"polygons\[0\]\[0\]: expected \(V, 2\) vertices with V >= 3"):
+        masks_from_polygons([[[[0, 0], [1, 1]]]], 4)
+    with pytest.raises(TypeError, match="polygons: expected a list"):
+        masks_from_polygons(torch.zeros(3, 2), 4)

@@ -8,7 +8,8 @@ from vlmfast.metrics.calibration_error import (
     calibration_from_features,
 )
 from vlmfast.metrics.proximity import piece, proximity
-from vlmfast.metrics.rationality import RationalityResult, masks_from_boxes, rationality, resize_masks
+from vlmfast.metrics.rationality import (RationalityResult, masks_from_boxes, masks_from_polygons, rationality,
+                                         resize_masks)
 
 __all__ = ["CalibrationError", "CalibrationResult", "RationalityResult", "calibration", "calibration_from_features",
-           "masks_from_boxes", "piece", "proximity", "rationality", "resize_masks"]
+           "masks_from_boxes", "masks_from_polygons", "piece", "proximity", "rationality", "resize_masks"]

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["RationalityResult", "masks_from_boxes", "rationality", "resize_masks"]
+__all__ = ["RationalityResult", "masks_from_boxes", "masks_from_polygons", "rationality", "resize_masks"]
 
 
 @dataclass
@@ -124,6 +124,46 @@ def masks_from_boxes(boxes: torch.Tensor | Sequence[torch.Tensor], size: int | t
         iny = (ys[None, :] >= b[:, 1:2]) & (ys[None, :] < b[:, 3:4])  # (K, H)
         inx = (xs[None, :] >= b[:, 0:1]) & (xs[None, :] < b[:, 2:3])  # (K, W)
         out[i] = (iny[:, :, None] & inx[:, None, :]).any(0)
+    return out
+
+
+def masks_from_polygons(polygons: Sequence[Sequence[Any]], size: int | tuple[int, int], *,
+                        device: Any = None) -> torch.Tensor:
+    """Boolean masks ``(N, H, W)``: the union of each sample's polygons, filled by the even-odd rule at pixel
+    centres (pixel ``(y, x)`` is inside when ``(x + 0.5, y + 0.5)`` is; COCO-style object outlines).
+    ``polygons[i]``: a list of polygons of sample ``i``, each ``(V, 2)`` ``(x, y)`` vertices in pixels of the
+    ``size`` grid (or a flat ``[x0, y0, x1, y1, ...]`` list, COCO's format), ``V >= 3``."""
+    hgt, wid = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if isinstance(polygons, torch.Tensor) or not isinstance(polygons, (list, tuple)):
+        raise TypeError(f"polygons: expected a list (one entry per sample) of lists of (V, 2) vertices, got "
+                        f"{type(polygons).__name__}")
+    dev = device if device is not None else "cpu"
+    ys = torch.arange(hgt, device=dev, dtype=torch.float64) + 0.5
+    xs = torch.arange(wid, device=dev, dtype=torch.float64) + 0.5
+    py, px = ys[:, None].expand(hgt, wid), xs[None, :].expand(hgt, wid)
+    out = torch.zeros(len(polygons), hgt, wid, dtype=torch.bool, device=dev)
+    for i, polys in enumerate(polygons):
+        if not isinstance(polys, (list, tuple)):
+            raise TypeError(f"polygons[{i}]: expected a list of polygons, got {type(polys).__name__}")
+        for j, poly in enumerate(polys):
+            v = torch.as_tensor(poly, dtype=torch.float64, device=dev)
+            if v.dim() == 1 and v.numel() % 2 == 0:
+                v = v.reshape(-1, 2)
+            if v.dim() != 2 or v.shape[1] != 2 or v.shape[0] < 3:
+                raise ValueError(f"polygons[{i}][{j}]: expected (V, 2) vertices with V >= 3, got shape "
+                                 f"{tuple(v.shape)}")
+            if not torch.isfinite(v).all():
+                raise ValueError(f"polygons[{i}][{j}]: expected finite vertices")
+            inside = torch.zeros(hgt, wid, dtype=torch.bool, device=dev)
+            x0, y0 = v[:, 0], v[:, 1]
+            x1, y1 = v.roll(-1, 0)[:, 0], v.roll(-1, 0)[:, 1]
+            for a in range(v.shape[0]):  # crossing test per edge: vectorised over the pixels
+                if y0[a] == y1[a]:
+                    continue
+                cross = ((y0[a] > py) != (y1[a] > py)) & (
+                    px < x0[a] + (py - y0[a]) * (x1[a] - x0[a]) / (y1[a] - y0[a]))
+                inside ^= cross
+            out[i] |= inside
     return out
 
 
