@@ -367,3 +367,23 @@ def test_compiles_fullgraph_with_backward(backend):
     l1, l2 = compiled(a1, b1), fn(a2, b2)
     torch.testing.assert_close(l1, l2)
     torch.testing.assert_close(torch.autograd.grad(l1, [a1, b1]), torch.autograd.grad(l2, [a2, b2]))
+
+
+def test_nn_module_equals_the_functional():
+    from vlmfast.nn import RegionLoss
+
+    g = torch.Generator().manual_seed(7)
+    regions = torch.randn(5, 3, 16, generator=g, requires_grad=True)
+    text = torch.randn(4, 16, generator=g)
+    labels = torch.tensor([0, 1, 1, 3, 2])
+    relevant = torch.rand(5, 3, generator=g) > 0.3
+    spurious = ~relevant & (torch.rand(5, 3, generator=g) > 0.5)
+    mod = RegionLoss(temperature=0.1)
+    got = mod(regions, text, labels, relevant, spurious)
+    want = region_loss_ref(regions, text, labels, relevant, spurious, temperature=0.1).loss
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert "temperature=0.1" in repr(mod)
+    with pytest.raises(ValueError, match="temperature: expected a number > 0"):
+        RegionLoss(temperature=0)
+    with pytest.raises(ValueError, match="reduction: expected"):
+        RegionLoss(reduction="max")

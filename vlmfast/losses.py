@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ClipLoss", "DistillClipLoss", "clip_loss", "clip_logits", "clip_targets"]
+__all__ = ["ClipLoss", "DistillClipLoss", "RegionLoss", "clip_loss", "clip_logits", "clip_targets"]
 
 
 def _check_features(image_features: Any, text_features: Any) -> None:
@@ -204,3 +204,28 @@ class DistillClipLoss(ClipLoss):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", directions={self.directions!r}"
+
+
+class RegionLoss(torch.nn.Module):
+    """RaVL's region-aware loss ``L_R + L_A`` (the fused op :func:`vlmfast.functional.region_loss`) as a module:
+    ``RegionLoss(temperature=0.07)(regions (B, R, D), text (C, D), labels (B,), relevant (B, R), spurious (B, R))``
+    returns the mean over the images with a relevant region (``reduction``: ``"mean"``, ``"sum"``, ``"none"``).
+    ``text`` is usually the frozen class embeddings of the Stage-1 model (:mod:`vlmfast.tuning.region`)."""
+
+    def __init__(self, temperature: float = 0.07, normalize: bool = True, reduction: str = "mean") -> None:
+        super().__init__()
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature: expected a number > 0, got {temperature!r}")
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction: expected 'mean', 'sum' or 'none', got {reduction!r}")
+        self.temperature, self.normalize, self.reduction = float(temperature), bool(normalize), reduction
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, normalize={self.normalize}, reduction={self.reduction!r}"
+
+    def forward(self, regions: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, relevant: torch.Tensor,
+                spurious: torch.Tensor) -> torch.Tensor:
+        from vlmfast.ops.region_loss import region_loss
+
+        return region_loss(regions, text, labels, relevant, spurious, temperature=self.temperature,
+                           normalize=self.normalize, reduction=self.reduction).loss
