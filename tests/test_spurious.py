@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from _ravl_reference import planted_scores, reference_cluster, reference_identify_and_rank
-from vlmfast.audit.spurious import discover_from_scores, precision_at_k, zero_shot_scores
+from vlmfast.audit.spurious import discover, discover_from_scores, precision_at_k, zero_shot_scores
 from vlmfast.cluster import kmedoids
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -112,3 +112,25 @@ def test_bad_input():
         discover_from_scores(*args, clusters=np.arange(len(emb)) % 3, medoids=[0, 1])
     with pytest.raises(ValueError, match="class_names: expected 5 names"):
         discover_from_scores(*args, clusters=np.arange(len(emb)) % 3, class_names=["a"])
+
+
+def test_discover_finds_the_planted_square_in_a_shortcut_model():
+    """Image level, end to end: a weak base fine-tuned (contrastive, 60 steps) on composites where the red square
+    goes with 'nine' (Cramér's V 0.95) learns the shortcut; discovery on unbiased evaluation composites must rank
+    square quadrants at the top (Precision@10 >= 0.8) and name 'nine' as the attribute."""
+    import vlmfast.data as D
+    import vlmfast.models as M
+    from vlmfast.tuning import region as TR
+
+    base, _ = M.pretrain_base("vlmfast-tiny-rn", preset="test", steps=100, progress=False)
+    train = D.spurious_mnist("train", n=1000, strength=0.95, spurious_class=9, seed=0, cache=False)
+    ft = TR.fit(base, train, lam=1.0, steps=60, batch_size=64, lr=1e-4, seed=0, progress=False)
+    ev = D.spurious_mnist("test", n=300, seed=5, cache=False)
+    res = discover(ft.model, ev, train.classnames, seed=0)
+    truth = (ev.region_labels == D.REGION_SPURIOUS).reshape(-1).numpy()
+    assert res.found, res.summary()
+    assert precision_at_k(res, truth, 10) >= 0.8, res.summary()
+    assert res.top.attribute_name == "nine"
+    assert res.medoid_embeddings.shape == (res.k, 64)
+    # the region ranking is by similarity to the medoid, the medoid first
+    assert res.top.regions[0] == res.top.medoid

@@ -1,0 +1,536 @@
+"""The fleet audit: every model of a manifest x every audit x every split, into an :class:`~vlmfast.fleet.AuditStore`,
+computing only what the store does not already hold.
+
+**Units of work.** A unit is ``(model, audit, split)``, keyed in the store by ``(model_key, audit, data_fp,
+settings_key)`` (:mod:`vlmfast.fleet.store`): the SHA-256 identity of the weights, the fingerprint of the split's
+data, and the hash of the audit's settings. Each unit is committed in one transaction with its ``done`` marker, so
+a run killed at any point and started again recomputes only the units that were not committed, and its final
+store equals an uninterrupted run's. What is re-audited: a new or retrained model (new key), a new or changed
+split, changed settings; ``force=True`` recomputes everything. Runtime options that do not change the numbers
+(``batch_size``, progress bars) are not part of the key; the device is not either (CPU and CUDA agree to rounding).
+
+**Per model** (in manifest order): hash the checkpoint file(s) (streamed SHA-256; a ``base`` entry is loaded
+first, from ``pretrain_base``'s cache, and keyed by its weights), look up every unit, load the model only if one is
+left, compute and commit those units. While a model computes, the next one's checkpoint is loaded in a background
+thread (``prefetch``). A model that fails to hash or load (missing or corrupt file, shape mismatch) is recorded in
+the store's ``failures`` with audit ``"load"``; an audit that raises is recorded under its name; the run goes on
+either way. Only ``Exception``\\ s are caught: ``KeyboardInterrupt`` and other ``BaseException``\\ s stop the run
+(what was committed stays).
+
+**Audits** (:data:`AUDITS`: name -> :class:`Audit`; each function ``fn(model_or_classifier, split, settings,
+options) -> [(split, metric, value)]``):
+
+* ``calibration`` — logits of the split (a classifier's head; a CLIP model's zero-shot logits at its own logit
+  scale, prompts ``settings["templates"]`` averaged per class: :func:`vlmfast.tuning.robust.zero_shot_classifier`)
+  into :func:`vlmfast.metrics.calibration`: ``accuracy``, ``confidence``, ``ece``, ``ace``, ``mce``,
+  ``mce_weighted``, ``rmsce``, ``nll``, ``brier``, ``ece_per_batch`` (with ``per_batch``), ``n``;
+* ``rationality`` — :func:`vlmfast.audit.heatmaps` of the ground-truth class scored by
+  :func:`vlmfast.metrics.rationality` against the digit masks (``mask="box"``: ``masks_from_boxes`` of the tight
+  digit boxes; ``"stroke"``: the stroke pixels): ``accuracy``, ``pt``, ``ir``, ``mean_rma_correct``, ``RR``,
+  ``RW``, ``WR``, ``WW``, ``n_constant``, ``n`` (as ``vlmfast audit rationality``);
+* ``spurious`` — :func:`vlmfast.audit.spurious.discover` of the CLIP model (a classifier entry's fine-tuned CLIP) on
+  the spurious-MNIST test split only (the only split whose red squares are independent of the class):
+  ``k``, ``silhouette``, ``found``, ``n_clusters``, ``top_gap``, ``top_influence``, ``top_square_fraction``,
+  ``precision_at_10`` against the red-square quadrants (NaN where nothing was found), as ``vlmfast audit
+  spurious``.
+
+**Splits** are built once per run (:func:`build_splits`; names ``"id"`` = ``spurious_mnist("test")``,
+``"sklearn-digits"``, ``"KIND-SEVERITY"`` as :func:`vlmfast.tuning.robust.digit_splits`), or passed ready as a
+mapping name -> dataset.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from vlmfast.fleet.manifest import LoadedModel, ManifestEntry, load_entry, load_manifest, model_key
+from vlmfast.fleet.store import AUDIT_TABLES, AuditStore, data_fingerprint, settings_key
+
+__all__ = ["AUDITS", "DEFAULT_SPLITS", "Audit", "FleetSummary", "ModelReport", "RunOptions", "Split",
+           "audit_fleet", "build_splits", "resolve_settings"]
+
+#: The default evaluation splits: the in-distribution test composites and a real domain shift.
+DEFAULT_SPLITS = ("id", "sklearn-digits")
+
+CALIBRATION_METRICS = ("accuracy", "confidence", "ece", "ace", "mce", "mce_weighted", "rmsce", "nll", "brier")
+
+
+@dataclass
+class Split:
+    """An evaluation split: its ``name`` (the rows' ``split``), the dataset, its :func:`data_fingerprint` and a
+    JSON ``info`` recorded with it (source, n, seed)."""
+
+    name: str
+    data: Any
+    fingerprint: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunOptions:
+    """Runtime options of the audit functions that do not change their numbers (not part of any key)."""
+
+    batch_size: int = 64
+    progress: bool = False
+
+
+@dataclass(frozen=True)
+class Audit:
+    """A registered audit: ``fn(model_or_classifier, split, settings, options) -> [(split, metric, value)]``;
+    ``target``: ``"audited"`` (the classifier of a classifier entry, else the CLIP model) or ``"clip"`` (always
+    the CLIP model); ``defaults``: its settings (every key it accepts); ``applies(split) -> bool``: the splits it
+    runs on; ``version``: part of the settings key (bump it when the audit's numbers change)."""
+
+    name: str
+    fn: Callable[..., list[tuple[str, str, Any]]]
+    defaults: Mapping[str, Any]
+    target: str = "audited"
+    applies: Callable[[Split], bool] = lambda split: True
+    version: int = 1
+
+
+# ------------------------------------------------------------------------------------------------- the audits
+
+
+def _num(v: Any) -> float:
+    if v is None:
+        return float("nan")
+    return float(v.item() if hasattr(v, "item") else v)
+
+
+def calibration_audit(target: Any, split: Split, settings: Mapping[str, Any],
+                      options: RunOptions | None = None) -> list[tuple[str, str, float]]:
+    """Calibration metrics of ``target`` (a CLIP model or an ``ImageClassifier``) on ``split`` (module docs)."""
+    import torch
+
+    from vlmfast.metrics import calibration
+    from vlmfast.tuning.robust import ImageClassifier, predict, zero_shot_classifier
+
+    opts = options or RunOptions()
+    data = split.data
+    clf = target if isinstance(target, ImageClassifier) else zero_shot_classifier(
+        target, list(data.classnames), list(settings["templates"]))
+    logits, _ = predict(clf, data, batch_size=max(opts.batch_size, 1))
+    labels = torch.as_tensor(data.labels).long()
+    r = calibration(logits, labels, n_bins=int(settings["n_bins"]), per_batch=settings["per_batch"])
+    rows = [(split.name, m, _num(getattr(r, m))) for m in CALIBRATION_METRICS]
+    if settings["per_batch"] is not None:
+        rows.append((split.name, "ece_per_batch", _num(r.ece_per_batch)))
+    rows.append((split.name, "n", float(labels.shape[0])))
+    return rows
+
+
+def digit_masks(data: Any, kind: str):
+    """Ground-truth masks of the digits: ``"box"`` (the tight digit box, filled) or ``"stroke"`` (its pixels)."""
+    import torch
+
+    from vlmfast.metrics import masks_from_boxes
+
+    if kind == "stroke":
+        return torch.as_tensor(data.digit_masks)
+    return masks_from_boxes(torch.as_tensor(data.boxes).float(), tuple(data.images.shape[-2:]))
+
+
+def rationality_audit(target: Any, split: Split, settings: Mapping[str, Any],
+                      options: RunOptions | None = None) -> list[tuple[str, str, float]]:
+    """PT / IR of ``target``'s heatmaps on ``split`` against the digit masks (module docs)."""
+    from vlmfast.audit import heatmaps
+    from vlmfast.metrics import rationality
+
+    opts = options or RunOptions()
+    data = split.data
+    blocks = None if settings["blocks"] == "auto" else settings["blocks"]
+    h = heatmaps(target, data.images, data.labels, classnames=list(data.classnames), blocks=blocks,
+                 batch_size=max(opts.batch_size, 1), progress=opts.progress, desc=split.name)
+    masks = digit_masks(data, settings["mask"]).to(h.maps.device)
+    r = rationality(h.maps, masks, h.correct, threshold=float(settings["threshold"]))
+    d = r.as_dict()
+    out = [(split.name, "accuracy", float(h.correct.float().mean()))]
+    for m in ("pt", "ir", "mean_rma_correct", "RR", "RW", "WR", "WW", "n_constant", "n"):
+        out.append((split.name, m, _num(d[m])))
+    return out
+
+
+def spurious_audit(target: Any, split: Split, settings: Mapping[str, Any],
+                   options: RunOptions | None = None) -> list[tuple[str, str, float]]:
+    """RaVL discovery of ``target`` (a CLIP model) on the spurious-MNIST test ``split`` (module docs)."""
+    import torch
+
+    from vlmfast.audit.spurious import discover, precision_at_k
+    from vlmfast.data import REGION_SPURIOUS
+
+    opts = options or RunOptions()
+    data = split.data
+    ks = settings["ks"]
+    res = discover(target, data, list(data.classnames), ks=None if ks is None else range(int(ks[0]), int(ks[1])),
+                   clip_distances=bool(settings["clip_distances"]), threshold=float(settings["threshold"]),
+                   seed=int(settings["seed"]), method=settings["method"], temperature=float(settings["temperature"]),
+                   batch_size=max(opts.batch_size, 1), progress=opts.progress)
+    truth = (torch.as_tensor(data.region_labels) == REGION_SPURIOUS).reshape(-1).numpy()
+    top = res.top
+    nan = float("nan")
+    return [(split.name, m, _num(v)) for m, v in (
+        ("k", res.k), ("silhouette", res.silhouette), ("found", float(res.found)), ("n_clusters", len(res.clusters)),
+        ("top_gap", top.gap if top else nan), ("top_influence", top.influence if top else nan),
+        ("top_square_fraction", float(truth[top.regions].mean()) if top and top.regions else nan),
+        ("precision_at_10", precision_at_k(res, truth, 10) if top else nan))]
+
+
+def _spurious_split(split: Split) -> bool:
+    return getattr(split.data, "split", None) == "test" and getattr(split.data, "region_labels", None) is not None
+
+
+def _default_templates() -> list[str]:
+    from vlmfast.data import CAPTION_TEMPLATES
+
+    return list(CAPTION_TEMPLATES)
+
+
+#: name -> :class:`Audit`. Each name has its results table in the store (:data:`vlmfast.fleet.store.AUDIT_TABLES`).
+AUDITS: dict[str, Audit] = {
+    "calibration": Audit("calibration", calibration_audit,
+                         {"n_bins": 15, "per_batch": 512, "templates": None}),  # None: CAPTION_TEMPLATES
+    "rationality": Audit("rationality", rationality_audit, {"threshold": 0.5, "blocks": "auto", "mask": "box"}),
+    "spurious": Audit("spurious", spurious_audit,
+                      {"ks": None, "clip_distances": True, "threshold": 0.25, "method": "auto", "seed": 0,
+                       "temperature": 0.07}, target="clip", applies=_spurious_split),
+}
+
+
+def resolve_settings(audit: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The full settings of ``audit``: its defaults updated with ``overrides`` (ValueError naming an unknown key
+    or a bad value), plus ``version``. This dict is what the settings key hashes."""
+    if audit not in AUDITS:
+        raise ValueError(f"audits: expected names from {tuple(AUDITS)}, got {audit!r}")
+    spec = AUDITS[audit]
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(spec.defaults))
+    if unknown:
+        raise ValueError(f"settings[{audit!r}]: unknown key {unknown[0]!r}; expected some of {sorted(spec.defaults)}")
+    s = {**spec.defaults, **overrides}
+    if audit == "calibration":
+        if s["templates"] is None:
+            s["templates"] = _default_templates()
+        if isinstance(s["templates"], str) or not all(isinstance(t, str) and "{}" in t for t in s["templates"]) \
+                or not s["templates"]:
+            raise ValueError(f"settings['calibration']['templates']: expected a non-empty list of str with '{{}}', "
+                             f"got {s['templates']!r}")
+        s["templates"] = list(s["templates"])
+        if isinstance(s["n_bins"], bool) or not isinstance(s["n_bins"], int) or s["n_bins"] < 1:
+            raise ValueError(f"settings['calibration']['n_bins']: expected an int >= 1, got {s['n_bins']!r}")
+    elif audit == "rationality":
+        if s["blocks"] not in ("auto", "last", "all"):
+            raise ValueError(f"settings['rationality']['blocks']: expected auto, last or all, got {s['blocks']!r}")
+        if s["mask"] not in ("box", "stroke"):
+            raise ValueError(f"settings['rationality']['mask']: expected box or stroke, got {s['mask']!r}")
+    elif audit == "spurious" and s["ks"] is not None:
+        ks = s["ks"]
+        if isinstance(ks, range):
+            ks = [ks.start, ks.stop]
+        if not (isinstance(ks, (list, tuple)) and len(ks) == 2 and all(isinstance(k, int) for k in ks)
+                and 2 <= ks[0] < ks[1]):
+            raise ValueError(f"settings['spurious']['ks']: expected [A, B] with 2 <= A < B, got {s['ks']!r}")
+        s["ks"] = list(ks)
+    for key in ("threshold",):
+        if key in s and not (isinstance(s[key], (int, float)) and 0.0 <= s[key] <= 1.0):
+            raise ValueError(f"settings[{audit!r}][{key!r}]: expected a number in [0, 1], got {s[key]!r}")
+    s["version"] = spec.version
+    return s
+
+
+# ------------------------------------------------------------------------------------------------- splits
+
+
+def _build_split(name: str, n: int, seed: int):
+    from vlmfast.data import CORRUPTIONS, corrupted_test, sklearn_digits, spurious_mnist
+
+    if name == "id":
+        return spurious_mnist("test", n=n, seed=seed)
+    if name == "sklearn-digits":
+        return sklearn_digits(n=n, seed=seed)
+    m = re.fullmatch(r"([a-z]+)-([1-5])", name)
+    if m and m.group(1) in CORRUPTIONS:
+        return corrupted_test(m.group(1), int(m.group(2)), n=n, seed=seed)
+    raise ValueError(f"splits: expected 'id', 'sklearn-digits' or KIND-SEVERITY with KIND in {CORRUPTIONS} and "
+                     f"SEVERITY in 1..5, got {name!r}")
+
+
+def build_splits(splits: Sequence[str] | Mapping[str, Any] = DEFAULT_SPLITS, *, n: int = 1000,
+                 seed: int = 0) -> dict[str, Split]:
+    """The evaluation splits, each built once and fingerprinted: names (module docs; ``n`` images each, data seed
+    ``seed``) or a mapping name -> dataset (used as given)."""
+    if isinstance(splits, str):
+        raise TypeError(f"splits: expected a sequence of names or a mapping, got the str {splits!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: expected an int >= 1, got {n!r}")
+    out: dict[str, Split] = {}
+    if isinstance(splits, Mapping):
+        for name, data in splits.items():
+            if isinstance(data, Split):
+                out[str(name)] = data
+                continue
+            out[str(name)] = Split(str(name), data, data_fingerprint(data, str(name)),
+                                   {"source": str(getattr(data, "split", "")), "n": len(data)})
+    else:
+        for name in splits:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"splits: expected non-empty split names, got {name!r}")
+            if name in out:
+                raise ValueError(f"splits: {name!r} given twice")
+            data = _build_split(name, n, seed)
+            out[name] = Split(name, data, data_fingerprint(data, name), {"source": name, "n": len(data), "seed": seed})
+    if not out:
+        raise ValueError("splits: expected at least one split, got none")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- the runner
+
+
+@dataclass
+class ModelReport:
+    """One model's outcome: ``status`` ``"done"`` (its missing units computed), ``"skipped"`` (nothing missing) or
+    ``"failed"`` (load or an audit failed; the units that succeeded are committed). ``computed`` lists the
+    ``(audit, split)`` computed now, ``reused`` counts those found in the store."""
+
+    name: str
+    status: str
+    model_key: str | None = None
+    computed: list[tuple[str, str]] = field(default_factory=list)
+    reused: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        if self.status == "skipped":
+            return f"{self.name}: skipped ({self.reused} results already stored)"
+        what = ", ".join(f"{a}/{s}" for a, s in self.computed) or "nothing"
+        text = f"{self.name}: {self.status} ({what} in {self.seconds:.1f} s" + (
+            f"; {self.reused} reused)" if self.reused else ")")
+        for audit, err in self.errors:
+            text += f"; {audit} failed: {err}"
+        return text
+
+
+@dataclass
+class FleetSummary:
+    """What :func:`audit_fleet` did: model counts ``done`` / ``skipped``, ``failed`` ``[(name, audit, error)]``
+    (``audit`` ``"load"`` when the model did not hash or load), unit counts ``computed`` / ``reused``, the
+    per-model ``reports``, ``notes`` (e.g. an audit that applies to none of the splits) and the wall time."""
+
+    done: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str, str]] = field(default_factory=list)
+    computed: int = 0
+    reused: int = 0
+    seconds: float = 0.0
+    reports: list[ModelReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_failed(self) -> int:
+        return len({name for name, _, _ in self.failed})
+
+    def line(self) -> str:
+        """The summary line: models done / skipped / failed (with reasons), results computed / reused, time."""
+        n = self.done + self.skipped + self.n_failed
+        text = (f"{n} model{'s' if n != 1 else ''}: {self.done} done, {self.skipped} skipped, {self.n_failed} failed"
+                f"; {self.computed} results computed, {self.reused} reused; {self.seconds:.1f} s")
+        if self.failed:
+            text += "; failures: " + "; ".join(f"{name} ({audit}): {err}" for name, audit, err in self.failed)
+        return text
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _prepare(entry: ManifestEntry, device: Any, bars: bool) -> tuple[str, dict, LoadedModel | None]:
+    """``(model_key, file hashes, loaded model or None)``: a file entry is hashed without loading; a ``base`` entry
+    is loaded (``pretrain_base``'s cache) and keyed by its weights."""
+    if entry.kind == "base":
+        loaded = load_entry(entry, device=device, progress=None if bars else False)
+        key, parts = model_key(entry, loaded.clip)
+        return key, parts, loaded
+    key, parts = model_key(entry)
+    return key, parts, None
+
+
+def _report_fn(progress: Any) -> Callable[[ModelReport], None]:
+    if callable(progress):
+        return progress
+    if progress:
+        return lambda r: print(r.line(), file=sys.stderr, flush=True)
+    return lambda r: None
+
+
+def audit_fleet(
+    manifest: str | os.PathLike | Iterable[ManifestEntry],
+    audits: Sequence[str] = ("calibration",),
+    db: str | os.PathLike | AuditStore = "audit.sqlite",
+    splits: Sequence[str] | Mapping[str, Any] = DEFAULT_SPLITS,
+    *,
+    n: int = 1000,
+    seed: int = 0,
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+    force: bool = False,
+    progress: bool | Callable[[ModelReport], None] | None = None,
+    bars: bool = False,
+    device: Any = None,
+    batch_size: int = 64,
+    prefetch: bool = True,
+) -> FleetSummary:
+    """Audit every model of ``manifest`` (a ``manifest.yaml`` path or loaded entries) with ``audits`` on
+    ``splits`` into the store ``db`` (a path or an open :class:`AuditStore`), skipping every unit the store
+    already holds unless ``force`` (module docs).
+
+    ``n`` / ``seed``: size and data seed of the splits built by name. ``settings``: audit name -> overrides of its
+    defaults (:func:`resolve_settings`). ``progress``: a callable given each model's :class:`ModelReport` as it
+    finishes, True to print its line on stderr, None/False for nothing. ``bars``: the audits' own progress bars.
+    ``device``: where the models run (default CUDA when available). ``prefetch``: load the next model in a
+    background thread while the current one computes.
+    """
+    t_start = time.perf_counter()
+    if isinstance(audits, str):
+        audits = [a.strip() for a in audits.split(",") if a.strip()]
+    audits = list(dict.fromkeys(audits))
+    if not audits:
+        raise ValueError("audits: expected at least one audit name, got none")
+    for a in audits:
+        if a not in AUDITS or a not in AUDIT_TABLES:
+            raise ValueError(f"audits: expected names from {tuple(AUDITS)}, got {a!r}")
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(AUDITS))
+    if unknown:
+        raise ValueError(f"settings: unknown audit {unknown[0]!r}; expected some of {tuple(AUDITS)}")
+    resolved = {a: resolve_settings(a, settings.get(a)) for a in audits}
+    skeys = {a: settings_key(resolved[a]) for a in audits}
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+    if isinstance(manifest, (str, os.PathLike)):
+        entries = load_manifest(manifest)
+    else:
+        entries = list(manifest)
+        for i, e in enumerate(entries):
+            if not isinstance(e, ManifestEntry):
+                raise TypeError(f"manifest: expected a manifest path or ManifestEntry objects, got "
+                                f"{type(e).__name__} at [{i}]")
+    split_map = build_splits(splits, n=n, seed=seed)
+    summary = FleetSummary()
+    plan = {a: [s for s in split_map.values() if AUDITS[a].applies(s)] for a in audits}
+    for a, ss in plan.items():
+        if not ss:
+            summary.notes.append(f"{a}: applies to none of the splits {list(split_map)} (skipped)")
+    report = _report_fn(progress)
+    options = RunOptions(batch_size=batch_size, progress=bool(bars))
+    store = db if isinstance(db, AuditStore) else AuditStore(db)
+    executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmfast-fleet-load") if prefetch else None
+
+    def pending_units(key: str) -> tuple[list[tuple[str, Split]], int]:
+        todo, have = [], 0
+        for a in audits:
+            for s in plan[a]:
+                if not force and store.has(key, a, s.fingerprint, skeys[a]):
+                    have += 1
+                else:
+                    todo.append((a, s))
+        return todo, have
+
+    def load(entry: ManifestEntry) -> LoadedModel:
+        return load_entry(entry, device=device, progress=None if bars else False)
+
+    def fail(rep: ModelReport, key: str | None, audit: str, e: Exception, entry: ManifestEntry) -> None:
+        rep.status = "failed"
+        rep.errors.append((audit, _error_text(e)))
+        store.record_failure(key, audit, e, name=entry.name, path=str(entry.resolved or entry.path))
+        summary.failed.append((entry.name, audit, _error_text(e)))
+
+    try:
+        # Per entry: (1) hash — in the background, started while the entry before it computes; (2) look up its
+        # units — in this thread (the store's connection); (3) load, only if a unit is left — in the background
+        # too when it was known to be needed before the entry's turn came.
+        hashed: dict[int, cf.Future] = {}
+        loads: dict[int, cf.Future] = {}
+
+        def hash_ahead(j: int) -> None:
+            if executor is not None and j < len(entries) and j not in hashed:
+                hashed[j] = executor.submit(_prepare, entries[j], device, bars)
+
+        hash_ahead(0)
+        for i, entry in enumerate(entries):
+            t0 = time.perf_counter()
+            rep = ModelReport(entry.name, "done")
+            try:
+                key, parts, loaded = hashed.pop(i).result() if i in hashed else _prepare(entry, device, bars)
+            except Exception as e:
+                fail(rep, None, "load", e, entry)
+                rep.seconds = time.perf_counter() - t0
+                report(rep)
+                hash_ahead(i + 1)
+                continue
+            rep.model_key = key
+            store.add_model(key, entry.name, str(entry.resolved or entry.path),
+                            {"kind": entry.kind, "method": entry.method, "seed": entry.seed, "tags": entry.tags,
+                             "meta": entry.meta, "files": parts})
+            todo, rep.reused = pending_units(key)
+            summary.reused += rep.reused
+            hash_ahead(i + 1)
+            if not todo:
+                loads.pop(i, None)
+                rep.status, rep.seconds = "skipped", time.perf_counter() - t0
+                summary.skipped += 1
+                report(rep)
+                continue
+            if executor is not None and i + 1 < len(entries):  # prefetch the next model if it has work left
+                try:
+                    nkey, _, nloaded = hashed[i + 1].result()
+                except Exception:
+                    pass  # reported when its turn comes (result() raises again)
+                else:
+                    if nloaded is None and pending_units(nkey)[0]:
+                        loads[i + 1] = executor.submit(load, entries[i + 1])
+            try:
+                if loaded is None:
+                    loaded = loads.pop(i).result() if i in loads else load(entry)
+            except Exception as e:
+                fail(rep, key, "load", e, entry)
+                rep.seconds = time.perf_counter() - t0
+                report(rep)
+                continue
+            for a, s in todo:
+                spec = AUDITS[a]
+                target = loaded.clip if spec.target == "clip" else loaded.audited
+                t_unit = time.perf_counter()
+                try:
+                    rows = list(spec.fn(target, s, resolved[a], options))
+                    bad = [r for r in rows if not isinstance(r, (tuple, list)) or len(r) != 3 or r[0] != s.name]
+                    if bad:
+                        raise ValueError(f"audit {a!r}: expected rows (split, metric, value) of split {s.name!r}, "
+                                         f"got {bad[0]!r:.80}")
+                    store.write(key, a, s.fingerprint, resolved[a], rows, seconds=time.perf_counter() - t_unit,
+                                split_info={s.name: s.info})
+                except Exception as e:
+                    fail(rep, key, a, e, entry)
+                    continue
+                rep.computed.append((a, s.name))
+                summary.computed += 1
+            del loaded
+            rep.seconds = time.perf_counter() - t0
+            if rep.status == "done":
+                summary.done += 1
+            report(rep)
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+        if not isinstance(db, AuditStore):
+            store.close()
+    summary.seconds = time.perf_counter() - t_start
+    return summary
