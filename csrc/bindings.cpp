@@ -92,7 +92,8 @@ py::dict build_info() {
   d["cuda_version"] = py::none();
   d["cuda_archs"] = py::none();
 #endif
-  d["ops"] = py::make_tuple("calibration_bins", "equal_mass_bins", "prompt_logits", "contrastive_loss");
+  d["ops"] = py::make_tuple("calibration_bins", "equal_mass_bins", "prompt_logits", "contrastive_loss", "kmeans_assign",
+                            "region_loss");
   return d;
 }
 
