@@ -1,4 +1,4 @@
-"""The op ``region_loss``: RaVL's region-aware mitigation loss (``/work/shared/specs/methods_ravl.md`` section 2,
+"""The op ``region_loss``: RaVL's region-aware mitigation loss (``shared/specs/methods_ravl.md`` section 2,
 point 3): the relevant regions of an image must prefer its own label over the other labels of the batch and over
 every spurious region's best match (``L_R``), and the label must prefer the image's relevant regions over other
 classes' images and over all spurious regions (``L_A``).
