@@ -5,6 +5,8 @@
     vlmfast demo [--out DIR]                the offline demo audit (``make demo``)
     vlmfast finetune --method M [--dor]     prompt tuning (base-to-new) or robust fine-tuning (ID / shifts)
     vlmfast audit rationality --models ...  PT / IR of explanation heatmaps against the digit masks
+    vlmfast audit spurious --model M        RaVL discovery (clusters, Precision@10, gallery)
+    vlmfast audit --manifest M --db F       every model x audit x split of a fleet into SQLite, resumable
 
 Options are parsed once, here; each command module (``info``, ``calibration``, ``demo``, ``finetune``) adds its subparser
 and a ``run(args) -> int``. Every user error — bad options, unreadable files, invalid input, a forced backend

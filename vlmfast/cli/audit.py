@@ -29,9 +29,11 @@ from vlmfast.cli._common import write_json
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("audit", help="model audits: rationality (PT / IR of explanation heatmaps), spurious (RaVL)",
-                       description="Model audits on the built-in data.")
-    audits = p.add_subparsers(dest="audit", required=True, metavar="{rationality,spurious}")
+    p = sub.add_parser("audit", help="model audits: rationality (PT / IR of explanation heatmaps), spurious (RaVL); "
+                                     "--manifest: the fleet audit into SQLite",
+                       description="Model audits on the built-in data. With --manifest (and no subcommand): every "
+                                   "model of a manifest x audit x split into a SQLite store (vlmfast/cli/fleet.py).")
+    audits = p.add_subparsers(dest="audit", required=False, metavar="{rationality,spurious}")
     r = audits.add_parser("rationality", help="PT / IR of explanation heatmaps against the digit masks",
                           description="Heatmaps of every model explaining the ground-truth digit, scored against "
                                       "the digit masks: PT, IR, mean RMA, counts; overlay PNGs.")
@@ -75,6 +77,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     sp.add_argument("--out", default="out/spurious", help="output folder (default: out/spurious)")
     sp.add_argument("--no-progress", action="store_true")
     sp.set_defaults(run=run_spurious)
+    from vlmfast.cli import fleet as _fleet
+
+    _fleet.add_arguments(p, audits)  # --manifest ...: the fleet audit; a subcommand is then optional
     return p
 
 

@@ -31,10 +31,12 @@ A ``manifest.yaml``::
 field); whether the files exist and load is the runner's business (a model that fails is recorded, the rest go on).
 
 **Identity.** :func:`model_key` is the SHA-256 over the entry's kind and the streamed SHA-256 of each weights file
-it loads (the CLIP checkpoint, plus the head for a classifier), so a retrained model gets a new key and an
-unchanged one keeps it, whatever its name or path; a ``base`` entry is keyed by the hash of its pretrained state
-dict (:func:`vlmfast.models.weights_hash`), which needs the (cached) base. **Loading** (:func:`load_entry`) goes
-through safetensors and :func:`vlmfast.models.load_checkpoint` only — nothing is unpickled.
+it loads (the CLIP checkpoint, plus the head for a classifier; :func:`weights_digest`: a safetensors header in
+canonical form, since its writer orders the metadata arbitrarily), so a retrained model gets a new key and an
+unchanged one — even re-saved — keeps it, whatever its name or path; a ``base`` entry is keyed by the hash of its
+pretrained state dict (:func:`vlmfast.models.weights_hash`), which needs the (cached) base. **Loading**
+(:func:`load_entry`) goes through safetensors and :func:`vlmfast.models.load_checkpoint` only — nothing is
+unpickled.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 __all__ = ["KINDS", "LoadedModel", "ManifestEntry", "checkpoint_files", "load_entry", "load_manifest",
-           "model_key", "write_manifest"]
+           "model_key", "sha256_stream", "weights_digest", "write_manifest"]
 
 KINDS = ("clip", "classifier", "base")
 MANIFEST_VERSION = 1
@@ -308,12 +310,44 @@ def checkpoint_files(entry: ManifestEntry) -> dict[str, Path]:
 
 
 def sha256_stream(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """The SHA-256 (hex) of a file, read in chunks of ``chunk`` bytes (memory bounded whatever its size)."""
+    """The SHA-256 (hex) of a file's bytes, read in chunks of ``chunk`` bytes (memory bounded whatever its size)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+#: The largest safetensors header read for :func:`weights_digest` (a longer one is hashed as plain bytes).
+_MAX_HEADER = 100 << 20
+
+
+def weights_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The streamed SHA-256 (hex) of a weights file, invariant to how its writer ordered the safetensors header.
+
+    safetensors writes its ``__metadata__`` dict in an arbitrary order (a hash map), so saving the same weights
+    twice can give different bytes. For a ``.safetensors`` file the header is therefore hashed in canonical form
+    (JSON, keys sorted) followed by the data bytes as they are; any other file (``.pt``, or a header that does not
+    parse — it will fail to load anyway) is hashed byte for byte (:func:`sha256_stream`)."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        with open(p, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            raw = f.read(8)
+            n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+            header = None
+            if 0 < n <= min(size - 8, _MAX_HEADER):
+                try:
+                    header = json.loads(f.read(n))
+                except (UnicodeDecodeError, ValueError):
+                    header = None
+            if isinstance(header, dict):
+                h = hashlib.sha256(b"vlmfast-safetensors-digest/1\n")
+                h.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+                for block in iter(lambda: f.read(chunk), b""):
+                    h.update(block)
+                return h.hexdigest()
+    return sha256_stream(p, chunk)
 
 
 def _combine(kind: str, parts: Mapping[str, str]) -> str:
@@ -331,7 +365,7 @@ def model_key(entry: ManifestEntry, model: Any = None) -> tuple[str, dict[str, s
 
         parts = {"weights": weights_hash(model)}
     else:
-        parts = {role: sha256_stream(f) for role, f in checkpoint_files(entry).items()}
+        parts = {role: weights_digest(f) for role, f in checkpoint_files(entry).items()}
     return _combine(entry.kind, parts), parts
 
 

@@ -42,13 +42,11 @@ mapping name -> dataset.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import math
 import os
 import re
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from vlmfast.fleet.manifest import LoadedModel, ManifestEntry, load_entry, load_manifest, model_key
