@@ -126,7 +126,7 @@ def _assign(name, cfg, reps, record):
 
 
 def _kmeans(name, cfg, reps, record):
-    from vlmfast.cluster.kmeans import _objective, kmeans
+    from vlmfast.cluster._kmeans import _objective, kmeans
 
     N, k, d, device, niter, spherical = cfg["N"], cfg["k"], cfg["d"], cfg["device"], cfg["niter"], cfg["spherical"]
     x, _, dtype = _data(cfg)

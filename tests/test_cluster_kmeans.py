@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import vlmfast.cluster.kmeans as km
-from vlmfast.cluster.kmeans import KMeansResult, kmeans
+import vlmfast.cluster._kmeans as km
+from vlmfast.cluster import KMeansResult, kmeans
 
 faiss = pytest.importorskip("faiss")
 

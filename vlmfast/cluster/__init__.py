@@ -11,6 +11,6 @@
 
 from vlmfast.cluster._kmedoids import (KMedoidsResult, PairCorrections, SweepResult, kmedoids, medoids_of,
                                       silhouette, sweep)
-from vlmfast.cluster.kmeans import KMeansResult, kmeans
+from vlmfast.cluster._kmeans import KMeansResult, kmeans
 
 __all__ = ["KMeansResult", "kmeans", "KMedoidsResult", "PairCorrections", "SweepResult", "kmedoids", "medoids_of", "silhouette", "sweep"]

@@ -14,7 +14,7 @@ upcasts to float32 and computes, per point ``i``, with ``z_ij = <x_i, c_j>`` acc
   always lose to their first copy;
 * ``sums (k, d)`` float32: ``sums_j = sum of the x_i with labels_i == j`` (the upcast rows), accumulated in
   **float64** in row order and rounded to float32 once; ``counts (k,)`` int64: the number of such rows. A centroid
-  that no point chose has sum 0 and count 0 (k-means re-seeds those; see :mod:`vlmfast.cluster.kmeans`).
+  that no point chose has sum 0 and count 0 (k-means re-seeds those; see :func:`vlmfast.cluster.kmeans`).
 
 **NaN and inf.** A NaN score (a NaN in the point or the centroid, or ``inf * 0``) is never selected: the label is
 the first index of the best score among the non-NaN ones. A point whose scores are **all** NaN (in practice: a
