@@ -52,6 +52,9 @@ def main(argv=None) -> int:
     ap.add_argument("--train-n", type=int, default=4000)
     ap.add_argument("--test-n", type=int, default=1000)
     ap.add_argument("--severity", type=int, default=3)
+    ap.add_argument("--blocks", choices=("auto", "last", "all"), default="auto",
+                    help="ViT relevance blocks for every model (auto: the paper's choice per method — last for "
+                         "ZS / FLYP, all for LP / FT; 'all' audits every model with one explainer)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "repro_rationality.json"))
     args = ap.parse_args(argv)
@@ -86,7 +89,8 @@ def main(argv=None) -> int:
         for label, model in audited.items():
             row = {}
             for split, data in splits.items():
-                h = heatmaps(model, data.images, data.labels, classnames=list(CLASSNAMES))
+                h = heatmaps(model, data.images, data.labels, classnames=list(CLASSNAMES),
+                             blocks=None if args.blocks == "auto" else args.blocks)
                 maps, correct = h.maps.cpu(), h.correct.cpu()
                 r = rationality(maps, digit_masks(data, "box"), correct)
                 rs = rationality(maps, digit_masks(data, "stroke"), correct)
