@@ -544,3 +544,21 @@ def test_cli_usage_errors(tmp_path, capsys):
     con.commit()
     con.close()
     assert "newer vlmfast" in err(["audit", "--manifest", str(m), "--db", str(db)])
+
+
+def test_ray_fleet_equals_the_in_process_run(tmp_path, zoo, splits, reference):
+    """A local Ray cluster on loopback (2 CPUs, one task per model): the store's results equal the in-process
+    run's; a second Ray run recomputes nothing."""
+    ray = pytest.importorskip("ray")  # the [distributed] extra (installed by make test)
+    from vlmfast.fleet import audit_fleet_ray
+
+    db = tmp_path / "ray.sqlite"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        s = audit_fleet_ray(_entries(zoo, ("rn", "vit", "ft")), ALL, db, splits, settings=FAST, device="cpu")
+        assert s.done == 3 and not s.failed, s.line()
+        assert _rows(db) == _rows(reference[0])
+        again = audit_fleet_ray(_entries(zoo, ("rn", "vit", "ft")), ALL, db, splits, settings=FAST, device="cpu")
+        assert again.skipped == 3 and again.computed == 0
+    finally:
+        ray.shutdown()

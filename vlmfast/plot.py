@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -240,4 +240,92 @@ def region_gallery(
     return out
 
 
-__all__ = ["heatmap_overlays", "region_gallery", "reliability_diagram"]
+def scatter_panels(
+    panels: Mapping[str, Sequence[tuple[float, float, str]]],
+    path: str | os.PathLike,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str | None = None,
+    xlim: tuple[float | None, float | None] | None = None,
+    ylim: tuple[float | None, float | None] | None = None,
+    ncols: int | None = None,
+    dpi: int = 120,
+) -> Path:
+    """Write a PNG grid of scatter plots, one panel per entry of ``panels`` (panel title -> points
+    ``[(x, y, group), ...]``, e.g. one point per model, grouped by method).
+
+    Every group has one colour and marker in every panel and one entry in the figure's legend (groups in order of
+    first appearance). A point with a non-finite coordinate is left out; the panel's title says how many were.
+    ``xlim`` / ``ylim``: fixed axis ranges, None for an automatic end (default: matplotlib's). ``ncols``: panels
+    per row (default up to 3). Returns the path written (parent folders are created)."""
+    if not isinstance(panels, Mapping) or not panels:
+        raise ValueError(f"panels: expected a non-empty mapping title -> [(x, y, group)], got "
+                         f"{type(panels).__name__ if not isinstance(panels, Mapping) else 'an empty mapping'}")
+    clean: dict[str, list[tuple[float, float, str]]] = {}
+    for name, points in panels.items():
+        rows = []
+        for i, pt in enumerate(points):
+            if not isinstance(pt, (tuple, list)) or len(pt) != 3:
+                raise ValueError(f"panels[{name!r}][{i}]: expected (x, y, group), got {pt!r:.60}")
+            x, y, g = pt
+            if isinstance(x, bool) or isinstance(y, bool) or not isinstance(x, (int, float)) \
+                    or not isinstance(y, (int, float)):
+                raise TypeError(f"panels[{name!r}][{i}]: expected numbers x, y, got {x!r:.30}, {y!r:.30}")
+            rows.append((float(x), float(y), str(g)))
+        clean[str(name)] = rows
+    if ncols is not None and (isinstance(ncols, bool) or not isinstance(ncols, int) or ncols < 1):
+        raise ValueError(f"ncols: expected a positive int or None, got {ncols!r}")
+    if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or not 0 < dpi <= 1200:
+        raise ValueError(f"dpi: expected a number in (0, 1200], got {dpi!r}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "vlmfast.plot").FigureCanvasAgg
+    Figure = require("matplotlib.figure", "vlmfast.plot").Figure
+    groups = list(dict.fromkeys(g for rows in clean.values() for _, _, g in rows))
+    palette = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974",
+               "#64B5CD"]
+    markers = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "*"]
+    style = {g: (palette[i % len(palette)], markers[(i // len(palette)) % len(markers)])
+             for i, g in enumerate(groups)}
+    k = len(clean)
+    ncols = min(ncols or 3, k)
+    nrows = math.ceil(k / ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.8 * nrows), dpi=dpi)
+    FigureCanvasAgg(fig)
+    for i, (name, rows) in enumerate(clean.items()):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        shown = [(x, y, g) for x, y, g in rows if math.isfinite(x) and math.isfinite(y)]
+        for g in groups:
+            xs = [x for x, _, h in shown if h == g]
+            ys = [y for _, y, h in shown if h == g]
+            if xs:
+                color, marker = style[g]
+                ax.scatter(xs, ys, s=28, color=color, marker=marker, alpha=0.8, edgecolors="white",
+                           linewidths=0.5)
+        left_out = len(rows) - len(shown)
+        ax.set_title(name + (f"\n({left_out} point{'s' if left_out != 1 else ''} without a value left out)"
+                             if left_out else ""), fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if xlim is not None:
+            ax.set_xlim(*xlim)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        ax.grid(alpha=0.25)
+        ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    if title:  # above the panels; savefig's tight bounding box makes room for it
+        fig.suptitle(title, fontsize=11, y=1.0, va="bottom")
+    if groups:  # below the panels; savefig's tight bounding box makes room for it
+        Line2D = require("matplotlib.lines", "vlmfast.plot").Line2D
+        handles = [Line2D([], [], ls="", marker=style[g][1], color=style[g][0], label=g) for g in groups]
+        fig.legend(handles=handles, loc="upper center", ncol=min(4, len(groups)), fontsize=8, frameon=False,
+                   bbox_to_anchor=(0.5, 0.0))
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, bbox_inches="tight")
+    return out
+
+
+__all__ = ["heatmap_overlays", "region_gallery", "reliability_diagram", "scatter_panels"]

@@ -7,9 +7,11 @@
     vlmfast audit rationality --models ...  PT / IR of explanation heatmaps against the digit masks
     vlmfast audit spurious --model M        RaVL discovery (clusters, Precision@10, gallery)
     vlmfast audit --manifest M --db F       every model x audit x split of a fleet into SQLite, resumable
+    vlmfast finetune --plan P --out DIR     every run of a fine-tuning plan, resumable, then the fleet manifest
+    vlmfast report DB --out DIR             static HTML report (and CSV / Parquet) of a fleet's SQLite store
 
-Options are parsed once, here; each command module (``info``, ``calibration``, ``demo``, ``finetune``) adds its subparser
-and a ``run(args) -> int``. Every user error — bad options, unreadable files, invalid input, a forced backend
+Options are parsed once, here; each command module (``info``, ``calibration``, ``demo``, ``finetune``, ...) adds its
+subparser and a ``run(args) -> int``. Every user error — bad options, unreadable files, invalid input, a forced backend
 that cannot run, a missing extra — is one line on stderr, ``vlmfast <command>: error: ...``, and exit status 2.
 A closed stdout (``vlmfast calibration run.npz | head -1``) ends the command quietly with status 0.
 """
@@ -27,6 +29,7 @@ from vlmfast.cli import calibration as _calibration
 from vlmfast.cli import demo as _demo
 from vlmfast.cli import finetune as _finetune
 from vlmfast.cli import info as _info
+from vlmfast.cli import report as _report
 
 #: What counts as a user error (one line, exit 2); anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, OSError, ImportError)
@@ -51,12 +54,13 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="vlmfast", description="Fast fine-tuning and auditing of CLIP-style vision-language models.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{info,calibration,demo,finetune,audit}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{info,calibration,demo,finetune,audit,report}")
     _info.add_parser(sub)
     _calibration.add_parser(sub)
     _demo.add_parser(sub)
     _finetune.add_parser(sub)
     _audit.add_parser(sub)
+    _report.add_parser(sub)
     return ap
 
 

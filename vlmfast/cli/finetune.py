@@ -14,6 +14,9 @@ strength=0)`` (the engine's progress bar), and is evaluated with zero-shot CLIP 
 and new as separate closed-set problems, accuracy, H and calibration (10 bins). Written to ``--out``: the learner
 (``learner.safetensors`` + ``learner.json``) and ``results.json`` (strict JSON) — before the table is printed.
 
+``--plan plan.yaml``: a whole fleet of runs instead (:mod:`vlmfast.cli.plan`; ``--method`` and the other
+single-run options are then refused; ``--only`` picks runs or entries of the plan).
+
 ``--model``: an open_clip config name at random init (e.g. ``vlmfast-tiny-vit``: fast, meaningless numbers) or
 ``base``: the tiny pretrained CLIP of :func:`vlmfast.models.pretrain_base` (``--base-preset``, cached after the
 first run). The DOR pool excludes both base and new class names.
@@ -38,7 +41,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                        description="Prompt-tune a frozen CLIP on the built-in digits (base classes) and report "
                                    "base/new accuracy, H and calibration against zero-shot; or fine-tune it "
                                    "(FLYP, CaRot, FT, LP, LP-FT) and report ID / shifted accuracy and calibration.")
-    p.add_argument("--method", choices=PROMPT_METHODS + ROBUST_METHODS + REGION_METHODS, default="coop")
+    p.add_argument("--method", choices=PROMPT_METHODS + ROBUST_METHODS + REGION_METHODS, default=None,
+                   help="the method of a single run (default coop)")
+    p.add_argument("--plan", default=None, metavar="PLAN.yaml",
+                   help="run every run of a fine-tuning plan into --out, then --out/manifest.yaml")
+    p.add_argument("--only", default=None, metavar="RUN,ENTRY",
+                   help="--plan: only these run ids / entry names (and the runs they depend on)")
     p.add_argument("--dor", action="store_true", help="add the DOR outlier regulariser")
     p.add_argument("--model", default="base",
                    help="an open_clip config name (random init) or 'base' (the tiny pretrained CLIP; default)")
@@ -79,6 +87,14 @@ def run(args: argparse.Namespace) -> int:
     from vlmfast.models.text import encode_images
     from vlmfast.tuning import base_to_new_split, evaluate_base_to_new, fit, format_base_to_new
 
+    if args.plan is not None:
+        from vlmfast.cli.plan import run_plan_cli
+
+        return run_plan_cli(args)
+    if args.only is not None:
+        raise ValueError("--only: picks runs of a --plan; got no --plan")
+    if args.method is None:
+        args.method = "coop"
     if not str(args.out).strip():
         raise ValueError(f"--out: expected a folder, got {args.out!r}")
     out = Path(args.out)

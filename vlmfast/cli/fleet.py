@@ -49,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser, subcommands: Any = None) -> None:
                    help="also export every stored result to this CSV")
     g.add_argument("--no-progress", dest="fleet_no_progress", action="store_true",
                    help="no progress bars of the audits")
+    g.add_argument("--ray", dest="fleet_ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="shard the models over Ray tasks (the [distributed] extra): no ADDRESS starts a local "
+                        "cluster, or join one ('auto', 'ray://host:10001')")
+    g.add_argument("--ray-cpus", dest="fleet_ray_cpus", type=int, default=None, metavar="N",
+                   help="CPUs of the local Ray cluster (default: all)")
     p.set_defaults(run=run)
     if subcommands is not None:
         for sp in subcommands.choices.values():
@@ -107,10 +112,19 @@ def run(args: argparse.Namespace) -> int:
 
     entries = load_manifest(manifest)  # validated before the store or any split is touched
     with AuditStore(db) as store:
-        summary = audit_fleet(entries, audits, store, splits, n=args.fleet_n, seed=args.fleet_seed,
-                              force=args.fleet_force, progress=lambda r: print(r.line(), flush=True),
-                              bars=not args.fleet_no_progress, device=args.fleet_device,
-                              batch_size=args.fleet_batch_size)
+        if args.fleet_ray is not None:
+            from vlmfast.fleet import audit_fleet_ray
+
+            summary = audit_fleet_ray(entries, audits, store, splits,
+                                      address=None if args.fleet_ray == "local" else args.fleet_ray,
+                                      num_cpus=args.fleet_ray_cpus, n=args.fleet_n, seed=args.fleet_seed,
+                                      force=args.fleet_force, progress=lambda r: print(r.line(), flush=True),
+                                      device=args.fleet_device, batch_size=args.fleet_batch_size)
+        else:
+            summary = audit_fleet(entries, audits, store, splits, n=args.fleet_n, seed=args.fleet_seed,
+                                  force=args.fleet_force, progress=lambda r: print(r.line(), flush=True),
+                                  bars=not args.fleet_no_progress, device=args.fleet_device,
+                                  batch_size=args.fleet_batch_size)
         if csv_path is not None:
             store.export_csv(csv_path)
     for note in summary.notes:

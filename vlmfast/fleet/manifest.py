@@ -9,6 +9,7 @@ A ``manifest.yaml``::
       - {name: flyp-s1, path: flyp-s1, kind: clip, method: flyp, seed: 1}    # a `vlmfast finetune` folder
       - {name: ft-s1, path: ft-s1/model, kind: classifier, method: ft, seed: 1}
       - {name: mine, path: ckpt/mine.safetensors, kind: clip}                # a vlmfast checkpoint
+      - {name: coop-s1, path: coop-s1/learner, kind: prompt, backbone: base}  # a prompt learner on the base
 
 (a bare list of entries is accepted too). Entry fields:
 
@@ -20,10 +21,16 @@ A ``manifest.yaml``::
                holding ``model.safetensors`` + ``model.json`` + ``head.safetensors``), or a vlmfast checkpoint
                (``<path>`` / ``.safetensors`` / ``.json`` of :func:`vlmfast.models.save_checkpoint`)
 ``kind``       required: ``"clip"`` (audited as a CLIP model: zero-shot logits at its own logit scale),
-               ``"classifier"`` (a finetune folder's image classifier: its head's logits) or ``"base"``
+               ``"classifier"`` (a finetune folder's image classifier: its head's logits), ``"base"`` or
+               ``"prompt"`` (a prompt learner, :meth:`vlmfast.tuning.PromptLearner.save`: ``path`` is the learner
+               ``<p>`` / ``<p>.safetensors`` / ``<p>.json``, or a prompt ``vlmfast finetune`` folder holding
+               ``learner.safetensors``; audited for calibration only, by its prompts' logits on the backbone)
+``backbone``   ``prompt`` entries only, required: the frozen CLIP the learner was trained on — ``base`` /
+               ``base:CONFIG`` (at ``preset``) or a vlmfast checkpoint path (relative to the manifest's folder)
 ``method``     str (default ``""``): how the weights came about (``zero-shot``, ``flyp``, ``ft``, ...)
 ``seed``       int >= 0 or null (default null)
-``preset``     str, ``base`` entries only (default ``"test"``): the ``pretrain_base`` preset
+``preset``     str, ``base`` entries and ``prompt`` entries on a ``base`` backbone only (default ``"test"``): the
+               ``pretrain_base`` preset
 ``tags``       list of str;  ``meta``: a dict of JSON values (anything else a plan wants to keep)
 =============  ================================================================================================
 
@@ -34,7 +41,8 @@ field); whether the files exist and load is the runner's business (a model that 
 it loads (the CLIP checkpoint, plus the head for a classifier; :func:`weights_digest`: a safetensors header in
 canonical form, since its writer orders the metadata arbitrarily), so a retrained model gets a new key and an
 unchanged one — even re-saved — keeps it, whatever its name or path; a ``base`` entry is keyed by the hash of its
-pretrained state dict (:func:`vlmfast.models.weights_hash`), which needs the (cached) base. **Loading**
+pretrained state dict (:func:`vlmfast.models.weights_hash`), which needs the (cached) base; a ``prompt`` entry by
+its learner's file and its backbone (file digest, or the weights hash of a ``base`` backbone). **Loading**
 (:func:`load_entry`) goes through safetensors and :func:`vlmfast.models.load_checkpoint` only — nothing is
 unpickled.
 """
@@ -52,10 +60,10 @@ from typing import Any, Iterable, Mapping
 __all__ = ["KINDS", "LoadedModel", "ManifestEntry", "checkpoint_files", "load_entry", "load_manifest",
            "model_key", "sha256_stream", "weights_digest", "write_manifest"]
 
-KINDS = ("clip", "classifier", "base")
+KINDS = ("clip", "classifier", "base", "prompt")
 MANIFEST_VERSION = 1
 BASE_CONFIG = "vlmfast-tiny-rn"
-FIELDS = ("name", "path", "kind", "method", "seed", "preset", "tags", "meta")
+FIELDS = ("name", "path", "kind", "method", "seed", "preset", "tags", "meta", "backbone")
 _KEY_FORMAT = "vlmfast-model-key/1"
 
 
@@ -102,6 +110,7 @@ class ManifestEntry:
     preset: str = "test"
     tags: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    backbone: str | None = None
     root: Path = field(default_factory=Path, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -121,6 +130,16 @@ class ManifestEntry:
             raise ValueError(f"kind: expected 'base' for path {self.path!r}, got {self.kind!r}")
         if self.kind == "base" and self.path.startswith("base:") and not self.path[5:].strip():
             raise ValueError(f"path: expected 'base:CONFIG' with a config name, got {self.path!r}")
+        if isinstance(self.backbone, os.PathLike):
+            self.backbone = os.fspath(self.backbone)
+        if self.kind == "prompt":
+            if not isinstance(self.backbone, str) or not self.backbone.strip():
+                raise ValueError(f"backbone: expected the learner's CLIP ('base', 'base:CONFIG' or a checkpoint "
+                                 f"path) for kind 'prompt', got {self.backbone!r}")
+            if self.backbone.startswith("base:") and not self.backbone[5:].strip():
+                raise ValueError(f"backbone: expected 'base:CONFIG' with a config name, got {self.backbone!r}")
+        elif self.backbone is not None:
+            raise ValueError(f"backbone: only for kind 'prompt' entries, got kind {self.kind!r}")
         for attr in ("method", "preset"):
             if not isinstance(getattr(self, attr), str):
                 raise ValueError(f"{attr}: expected a str, got {getattr(self, attr)!r}")
@@ -138,11 +157,29 @@ class ManifestEntry:
         _json_value(self.meta, "meta")
 
     @property
+    def base_backbone(self) -> bool:
+        """Whether the entry's CLIP comes from :func:`vlmfast.models.pretrain_base` (a ``base`` entry, or a
+        ``prompt`` entry on a ``base`` / ``base:CONFIG`` backbone)."""
+        if self.kind == "base":
+            return True
+        return self.kind == "prompt" and (self.backbone == "base" or self.backbone.startswith("base:"))
+
+    @property
     def config(self) -> str | None:
-        """The open_clip config of a ``base`` entry (None for the others)."""
-        if self.kind != "base":
+        """The open_clip config of a ``base`` entry or of a prompt entry's ``base`` backbone (None otherwise)."""
+        if not self.base_backbone:
             return None
-        return self.path.split(":", 1)[1].strip() if ":" in self.path else BASE_CONFIG
+        spec = self.path if self.kind == "base" else self.backbone
+        return spec.split(":", 1)[1].strip() if ":" in spec else BASE_CONFIG
+
+    @property
+    def backbone_resolved(self) -> Path | None:
+        """A ``prompt`` entry's checkpoint backbone resolved against ``root`` (None for a ``base`` backbone and for
+        the other kinds)."""
+        if self.kind != "prompt" or self.base_backbone:
+            return None
+        p = Path(self.backbone).expanduser()
+        return p if p.is_absolute() else self.root / p
 
     @property
     def resolved(self) -> Path | None:
@@ -154,20 +191,23 @@ class ManifestEntry:
 
     def to_dict(self, relative_to: str | os.PathLike | None = None) -> dict[str, Any]:
         """The entry as manifest YAML values; ``path`` relative to ``relative_to`` where it lies inside it."""
-        path = self.path
-        if self.kind != "base" and relative_to is not None:
-            full = Path(os.path.abspath(self.resolved))
-            base = Path(os.path.abspath(relative_to))
+        def rel(p: str, resolved: Path | None) -> str:
+            if resolved is None or relative_to is None:
+                return p
+            full = Path(os.path.abspath(resolved))
             try:
-                path = full.relative_to(base).as_posix()
+                return full.relative_to(Path(os.path.abspath(relative_to))).as_posix()
             except ValueError:
-                path = str(full)
-        out: dict[str, Any] = {"name": self.name, "path": path, "kind": self.kind}
+                return str(full)
+
+        out: dict[str, Any] = {"name": self.name, "path": rel(self.path, self.resolved), "kind": self.kind}
+        if self.kind == "prompt":
+            out["backbone"] = rel(self.backbone, self.backbone_resolved)
         if self.method:
             out["method"] = self.method
         if self.seed is not None:
             out["seed"] = self.seed
-        if self.kind == "base":
+        if self.base_backbone:
             out["preset"] = self.preset
         if self.tags:
             out["tags"] = list(self.tags)
@@ -189,8 +229,11 @@ def _entry(d: Any, i: int, where: str, root: Path) -> ManifestEntry:
     for req in ("name", "path", "kind"):
         if req not in d:
             raise ValueError(f"{label}: {req}: missing (required: name, path, kind)")
-    if d.get("kind") != "base" and "preset" in d:
-        raise ValueError(f"{label}: preset: only for kind 'base' entries, got kind {d.get('kind')!r}")
+    bb = d.get("backbone")
+    on_base = d.get("kind") == "prompt" and isinstance(bb, str) and (bb == "base" or bb.startswith("base:"))
+    if d.get("kind") != "base" and not on_base and "preset" in d:
+        raise ValueError(f"{label}: preset: only for kind 'base' entries (and 'prompt' entries on a base backbone), "
+                         f"got kind {d.get('kind')!r}")
     kwargs = {k: d[k] for k in FIELDS if k in d}
     if kwargs.get("method") is None:
         kwargs.pop("method", None)
@@ -280,19 +323,39 @@ def _finetune_folder(p: Path) -> Path | None:
     return None
 
 
+def _learner_file(entry: ManifestEntry) -> Path:
+    """The ``.safetensors`` of a ``prompt`` entry's learner (``<p>``, ``<p>.safetensors``/``.json`` or a folder
+    holding ``learner.safetensors``)."""
+    from vlmfast.models.checkpoint import checkpoint_paths
+
+    p = entry.resolved
+    if p.is_dir():
+        if not (p / "learner.safetensors").is_file():
+            raise ValueError(f"entry {entry.name!r}: {p} is a folder without learner.safetensors (expected a prompt "
+                             f"learner saved by PromptLearner.save, or the output of `vlmfast finetune --method "
+                             f"coop|cocoop|kgcoop`)")
+        return p / "learner.safetensors"
+    return checkpoint_paths(p)[0]
+
+
 def checkpoint_files(entry: ManifestEntry) -> dict[str, Path]:
     """The weights files an entry loads, by role: ``{"model": ...}`` (the CLIP checkpoint's safetensors) and, for a
-    classifier, ``"head"``. ``FileNotFoundError`` naming the entry for a missing file; ValueError for a ``base``
-    entry (it has no file of its own) or a folder that is not a finetune output."""
+    classifier, ``"head"``; for a prompt entry ``"learner"`` and, on a checkpoint backbone, ``"backbone"``.
+    ``FileNotFoundError`` naming the entry for a missing file; ValueError for a ``base`` entry (it has no file of
+    its own) or a folder that is not a finetune output."""
     from vlmfast.models.checkpoint import checkpoint_paths
 
     if entry.kind == "base":
         raise ValueError(f"entry {entry.name!r}: a 'base' entry has no checkpoint file (it is keyed by its weights)")
     p = entry.resolved
-    if p.is_dir():
+    if entry.kind == "prompt":
+        files = {"learner": _learner_file(entry)}
+        if not entry.base_backbone:
+            files["backbone"] = checkpoint_paths(entry.backbone_resolved)[0]
+    elif p.is_dir():
         folder = _finetune_folder(p)
         if folder is None:
-            hint = " (a prompt learner: not auditable by the fleet yet)" if (p / "learner.json").is_file() else ""
+            hint = " (a prompt learner: use kind 'prompt' with its backbone)" if (p / "learner.json").is_file() else ""
             raise ValueError(f"entry {entry.name!r}: {p} is a folder without head.safetensors (expected the output "
                              f"of `vlmfast finetune`){hint}")
         files = {"model": folder / "model.safetensors"}
@@ -357,13 +420,18 @@ def _combine(kind: str, parts: Mapping[str, str]) -> str:
 
 def model_key(entry: ManifestEntry, model: Any = None) -> tuple[str, dict[str, str]]:
     """``(model_key, {role: sha256})`` of an entry (module docs). File entries are hashed without loading; a
-    ``base`` entry needs its loaded ``model`` (the roles are then ``{"weights": weights_hash(model)}``)."""
-    if entry.kind == "base":
+    ``base`` entry needs its loaded ``model`` (the roles are then ``{"weights": weights_hash(model)}``), and so does
+    a ``prompt`` entry on a ``base`` backbone (``{"learner": ..., "backbone": weights_hash(model)}``)."""
+    if entry.base_backbone:
         if model is None:
-            raise ValueError(f"entry {entry.name!r}: a 'base' entry is keyed by its loaded weights; pass model=")
+            raise ValueError(f"entry {entry.name!r}: a {entry.kind!r} entry on the base model is keyed by its loaded "
+                             f"weights; pass model=")
         from vlmfast.models.text import weights_hash
 
-        parts = {"weights": weights_hash(model)}
+        if entry.kind == "base":
+            parts = {"weights": weights_hash(model)}
+        else:
+            parts = {"learner": weights_digest(checkpoint_files(entry)["learner"]), "backbone": weights_hash(model)}
     else:
         parts = {role: weights_digest(f) for role, f in checkpoint_files(entry).items()}
     return _combine(entry.kind, parts), parts
@@ -371,25 +439,46 @@ def model_key(entry: ManifestEntry, model: Any = None) -> tuple[str, dict[str, s
 
 @dataclass
 class LoadedModel:
-    """A loaded entry: ``clip`` (the CLIP model, eval mode), ``classifier`` (an
-    :class:`vlmfast.tuning.robust.ImageClassifier` for kind ``classifier``, else None) and the checkpoint ``card``.
-    ``audited`` is what the calibration and rationality audits look at: the classifier where there is one."""
+    """A loaded entry: ``clip`` (the CLIP model, eval mode; a prompt entry's backbone), ``classifier`` (an
+    :class:`vlmfast.tuning.robust.ImageClassifier` for kind ``classifier``, else None), ``learner`` (the
+    :class:`vlmfast.tuning.PromptLearner` of a ``prompt`` entry, else None) and the checkpoint ``card``.
+    ``audited`` is what the calibration and rationality audits look at: the classifier or learner where there is
+    one."""
 
     entry: ManifestEntry
     clip: Any
     classifier: Any = None
     card: dict[str, Any] = field(default_factory=dict)
+    learner: Any = None
 
     @property
     def audited(self) -> Any:
+        if self.learner is not None:
+            return self.learner
         return self.classifier if self.classifier is not None else self.clip
 
 
 def load_entry(entry: ManifestEntry, *, device: Any = None, progress: bool | None = False) -> LoadedModel:
     """Load an entry (module docs): ``base`` through :func:`vlmfast.models.pretrain_base` (cached), a finetune
     folder through :func:`vlmfast.tuning.robust.load_robust`, a checkpoint through
-    :func:`vlmfast.models.load_checkpoint` (SHA-256 verified against its card). Safetensors only. Raises the
-    loader's error (:class:`vlmfast.models.CheckpointError`, FileNotFoundError, ...) for a broken model."""
+    :func:`vlmfast.models.load_checkpoint` (SHA-256 verified against its card), a prompt learner through
+    :func:`vlmfast.tuning.load_prompt_learner` on its backbone (loaded as a ``base`` entry or a checkpoint).
+    Safetensors only. Raises the loader's error (:class:`vlmfast.models.CheckpointError`, FileNotFoundError, ...)
+    for a broken model."""
+    if entry.kind == "prompt":
+        files = checkpoint_files(entry)
+        if entry.base_backbone:
+            from vlmfast.models import pretrain_base
+
+            model, _ = pretrain_base(config=entry.config, preset=entry.preset, device=device, progress=progress)
+        else:
+            from vlmfast.models import load_checkpoint
+
+            model, _ = load_checkpoint(files["backbone"], device=device)
+        from vlmfast.tuning.prompt import load_prompt_learner
+
+        learner = load_prompt_learner(files["learner"], model.eval())
+        return LoadedModel(entry, model, None, dict(getattr(learner, "card_on_disk", {}) or {}), learner.eval())
     if entry.kind == "base":
         from vlmfast.models import pretrain_base
 

@@ -21,7 +21,9 @@ either way. Only ``Exception``\\ s are caught: ``KeyboardInterrupt`` and other `
 options) -> [(split, metric, value)]``):
 
 * ``calibration`` — logits of the split (a classifier's head; a CLIP model's zero-shot logits at its own logit
-  scale, prompts ``settings["templates"]`` averaged per class: :func:`vlmfast.tuning.robust.zero_shot_classifier`)
+  scale, prompts ``settings["templates"]`` averaged per class: :func:`vlmfast.tuning.robust.zero_shot_classifier`;
+  a prompt learner's logits — its learned context with every class name of the split, on its backbone's image
+  features, as :func:`vlmfast.tuning.evaluate_base_to_new` computes them, all classes as one closed set)
   into :func:`vlmfast.metrics.calibration`: ``accuracy``, ``confidence``, ``ece``, ``ace``, ``mce``,
   ``mce_weighted``, ``rmsce``, ``nll``, ``brier``, ``ece_per_batch`` (with ``per_batch``), ``n``;
 * ``rationality`` — :func:`vlmfast.audit.heatmaps` of the ground-truth class scored by
@@ -33,6 +35,9 @@ options) -> [(split, metric, value)]``):
   ``k``, ``silhouette``, ``found``, ``n_clusters``, ``top_gap``, ``top_influence``, ``top_square_fraction``,
   ``precision_at_10`` against the red-square quadrants (NaN where nothing was found), as ``vlmfast audit
   spurious``.
+
+Each audit names the entry kinds it applies to (:attr:`Audit.kinds`): ``prompt`` entries (a learned text context on
+a frozen backbone) are audited for calibration only — their image tower is the backbone's.
 
 **Splits** are built once per run (:func:`build_splits`; names ``"id"`` = ``spurious_mnist("test")``,
 ``"sklearn-digits"``, ``"KIND-SEVERITY"`` as :func:`vlmfast.tuning.robust.digit_splits`), or passed ready as a
@@ -85,7 +90,8 @@ class Audit:
     """A registered audit: ``fn(model_or_classifier, split, settings, options) -> [(split, metric, value)]``;
     ``target``: ``"audited"`` (the classifier of a classifier entry, else the CLIP model) or ``"clip"`` (always
     the CLIP model); ``defaults``: its settings (every key it accepts); ``applies(split) -> bool``: the splits it
-    runs on; ``version``: part of the settings key (bump it when the audit's numbers change)."""
+    runs on; ``version``: part of the settings key (bump it when the audit's numbers change); ``kinds``: the
+    manifest entry kinds it audits (the others are left out of its units)."""
 
     name: str
     fn: Callable[..., list[tuple[str, str, Any]]]
@@ -93,6 +99,7 @@ class Audit:
     target: str = "audited"
     applies: Callable[[Split], bool] = lambda split: True
     version: int = 1
+    kinds: tuple[str, ...] = ("clip", "classifier", "base")
 
 
 # ------------------------------------------------------------------------------------------------- the audits
@@ -106,17 +113,26 @@ def _num(v: Any) -> float:
 
 def calibration_audit(target: Any, split: Split, settings: Mapping[str, Any],
                       options: RunOptions | None = None) -> list[tuple[str, str, float]]:
-    """Calibration metrics of ``target`` (a CLIP model or an ``ImageClassifier``) on ``split`` (module docs)."""
+    """Calibration metrics of ``target`` (a CLIP model, an ``ImageClassifier`` or a ``PromptLearner``) on
+    ``split`` (module docs)."""
     import torch
 
     from vlmfast.metrics import calibration
+    from vlmfast.tuning.prompt import PromptLearner
     from vlmfast.tuning.robust import ImageClassifier, predict, zero_shot_classifier
 
     opts = options or RunOptions()
     data = split.data
-    clf = target if isinstance(target, ImageClassifier) else zero_shot_classifier(
-        target, list(data.classnames), list(settings["templates"]))
-    logits, _ = predict(clf, data, batch_size=max(opts.batch_size, 1))
+    if isinstance(target, PromptLearner):
+        from vlmfast.models.text import encode_images
+
+        feats = encode_images(target.model, data, batch_size=max(opts.batch_size, 1))
+        with torch.no_grad():
+            logits = target.logits(feats, list(data.classnames)).float().cpu()
+    else:
+        clf = target if isinstance(target, ImageClassifier) else zero_shot_classifier(
+            target, list(data.classnames), list(settings["templates"]))
+        logits, _ = predict(clf, data, batch_size=max(opts.batch_size, 1))
     labels = torch.as_tensor(data.labels).long()
     r = calibration(logits, labels, n_bins=int(settings["n_bins"]), per_batch=settings["per_batch"])
     rows = [(split.name, m, _num(getattr(r, m))) for m in CALIBRATION_METRICS]
@@ -195,7 +211,8 @@ def _default_templates() -> list[str]:
 #: name -> :class:`Audit`. Each name has its results table in the store (:data:`vlmfast.fleet.store.AUDIT_TABLES`).
 AUDITS: dict[str, Audit] = {
     "calibration": Audit("calibration", calibration_audit,
-                         {"n_bins": 15, "per_batch": 512, "templates": None}),  # None: CAPTION_TEMPLATES
+                         {"n_bins": 15, "per_batch": 512, "templates": None},  # None: CAPTION_TEMPLATES
+                         kinds=("clip", "classifier", "base", "prompt")),
     "rationality": Audit("rationality", rationality_audit, {"threshold": 0.5, "blocks": "auto", "mask": "box"}),
     "spurious": Audit("spurious", spurious_audit,
                       {"ks": None, "clip_distances": True, "threshold": 0.25, "method": "auto", "seed": 0,
@@ -353,8 +370,8 @@ def _error_text(e: BaseException) -> str:
 
 def _prepare(entry: ManifestEntry, device: Any, bars: bool) -> tuple[str, dict, LoadedModel | None]:
     """``(model_key, file hashes, loaded model or None)``: a file entry is hashed without loading; a ``base`` entry
-    is loaded (``pretrain_base``'s cache) and keyed by its weights."""
-    if entry.kind == "base":
+    (or a prompt entry on the base) is loaded (``pretrain_base``'s cache) and keyed by its weights."""
+    if entry.base_backbone:
         loaded = load_entry(entry, device=device, progress=None if bars else False)
         key, parts = model_key(entry, loaded.clip)
         return key, parts, loaded
@@ -432,9 +449,11 @@ def audit_fleet(
     store = db if isinstance(db, AuditStore) else AuditStore(db)
     executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmfast-fleet-load") if prefetch else None
 
-    def pending_units(key: str) -> tuple[list[tuple[str, Split]], int]:
+    def pending_units(key: str, kind: str) -> tuple[list[tuple[str, Split]], int]:
         todo, have = [], 0
         for a in audits:
+            if kind not in AUDITS[a].kinds:
+                continue
             for s in plan[a]:
                 if not force and store.has(key, a, s.fingerprint, skeys[a]):
                     have += 1
@@ -478,7 +497,7 @@ def audit_fleet(
             store.add_model(key, entry.name, str(entry.resolved or entry.path),
                             {"kind": entry.kind, "method": entry.method, "seed": entry.seed, "tags": entry.tags,
                              "meta": entry.meta, "files": parts})
-            todo, rep.reused = pending_units(key)
+            todo, rep.reused = pending_units(key, entry.kind)
             summary.reused += rep.reused
             hash_ahead(i + 1)
             if not todo:
@@ -493,7 +512,7 @@ def audit_fleet(
                 except Exception:
                     pass  # reported when its turn comes (result() raises again)
                 else:
-                    if nloaded is None and pending_units(nkey)[0]:
+                    if nloaded is None and pending_units(nkey, entries[i + 1].kind)[0]:
                         loads[i + 1] = executor.submit(load, entries[i + 1])
             try:
                 if loaded is None:

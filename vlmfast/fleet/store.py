@@ -168,14 +168,33 @@ class AuditStore:
 
     ``timeout``: seconds a writer waits for another process's write lock. Raises :class:`SchemaVersionError` for
     a file of a newer schema, ``ValueError`` for a file that is not a vlmfast store.
+
+    ``readonly=True`` (the report): the file must exist (``FileNotFoundError`` otherwise; nothing is created) and
+    is opened read-only — no migration, no ``meta`` update, every write raises; a store of an older schema is
+    refused with a ValueError saying to upgrade it with a writing run (``vlmfast audit``).
     """
 
-    def __init__(self, path: str | os.PathLike, *, timeout: float = 30.0) -> None:
+    def __init__(self, path: str | os.PathLike, *, timeout: float = 30.0, readonly: bool = False) -> None:
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path: expected a file path, got {type(path).__name__}")
         self.path = Path(path)
+        self.readonly = bool(readonly)
         if self.path.is_dir():
             raise ValueError(f"path: expected a SQLite file, got the folder {str(self.path)!r}")
+        if self.readonly:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"{self.path}: no such audit store")
+            try:
+                uri = self.path.resolve().as_uri() + "?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
+                self._check_readable()
+            except sqlite3.DatabaseError as e:
+                self._close_quietly()
+                raise ValueError(f"{self.path}: not a vlmfast audit store ({e})") from e
+            except BaseException:
+                self._close_quietly()
+                raise
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
@@ -216,6 +235,8 @@ class AuditStore:
         return self._db
 
     def _tx(self):
+        if self.readonly:
+            raise ValueError(f"{self.path}: the store was opened read-only (readonly=True); cannot write")
         return _Transaction(self.db)
 
     # ------------------------------------------------------------------ schema
@@ -231,6 +252,19 @@ class AuditStore:
             return int(row[0]) if row else 0
         except ValueError as e:
             raise ValueError(f"{self.path}: meta.schema_version is {row[0]!r}, expected an integer") from e
+
+    def _check_readable(self) -> None:
+        """A read-only store must be at exactly this version's schema (it cannot be migrated in place)."""
+        current = self.schema_version()
+        if current > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"{self.path}: schema version {current} was written by a newer vlmfast; this one reads versions "
+                f"up to {SCHEMA_VERSION} (upgrade vlmfast)")
+        if current == 0:
+            raise ValueError(f"{self.path}: an empty SQLite file, not an audit store (no tables)")
+        if current < SCHEMA_VERSION:
+            raise ValueError(f"{self.path}: schema version {current} is older than {SCHEMA_VERSION}; open it once "
+                             "for writing (e.g. `vlmfast audit --db` on it) to upgrade it")
 
     def _migrate(self) -> None:
         from vlmfast._version import __version__
