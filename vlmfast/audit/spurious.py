@@ -84,7 +84,7 @@ class SpuriousCluster:
     attribute_name: str | None = None
 
     def format_table(self) -> str:
-        lines = [f"| class | acc present (n) | acc absent (n) | g(c, l) |", "|---|---|---|---|"]
+        lines = ["| class | acc present (n) | acc absent (n) | g(c, l) |", "|---|---|---|---|"]
         for r in self.table:
             who = r.name if r.name is not None else str(r.label)
             lines.append(f"| {who} | {r.acc_present:.3f} ({r.n_present}) | {r.acc_absent:.3f} ({r.n_absent}) | "

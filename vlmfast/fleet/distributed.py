@@ -25,8 +25,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from vlmfast._optional import require
 from vlmfast.fleet.manifest import ManifestEntry, load_entry, load_manifest
 from vlmfast.fleet.runner import (AUDITS, DEFAULT_SPLITS, FleetSummary, ModelReport, RunOptions, _error_text,
-                                  _prepare, build_splits, resolve_settings)
-from vlmfast.fleet.store import AUDIT_TABLES, AuditStore, settings_key
+                                  _prepare, build_splits, check_audits)
+from vlmfast.fleet.store import AuditStore
 
 __all__ = ["audit_fleet_ray"]
 
@@ -74,22 +74,9 @@ def audit_fleet_ray(
     ``cpus_per_task``: CPUs each task asks for when the cluster has no GPU."""
     ray = require("ray", "vlmfast.fleet.audit_fleet_ray (--ray)")
     t_start = time.perf_counter()
-    if isinstance(audits, str):
-        audits = [a.strip() for a in audits.split(",") if a.strip()]
-    audits = list(dict.fromkeys(audits))
-    if not audits:
-        raise ValueError("audits: expected at least one audit name, got none")
-    for a in audits:
-        if a not in AUDITS or a not in AUDIT_TABLES:
-            raise ValueError(f"audits: expected names from {tuple(AUDITS)}, got {a!r}")
-    settings = dict(settings or {})
-    unknown = sorted(set(settings) - set(AUDITS))
-    if unknown:
-        raise ValueError(f"settings: unknown audit {unknown[0]!r}; expected some of {tuple(AUDITS)}")
+    audits, resolved, skeys = check_audits(audits, settings)
     if isinstance(cpus_per_task, bool) or not isinstance(cpus_per_task, int) or cpus_per_task < 1:
         raise ValueError(f"cpus_per_task: expected an int >= 1, got {cpus_per_task!r}")
-    resolved = {a: resolve_settings(a, settings.get(a)) for a in audits}
-    skeys = {a: settings_key(resolved[a]) for a in audits}
     entries = load_manifest(manifest) if isinstance(manifest, (str, os.PathLike)) else list(manifest)
     for i, e in enumerate(entries):
         if not isinstance(e, ManifestEntry):

@@ -387,6 +387,26 @@ def _report_fn(progress: Any) -> Callable[[ModelReport], None]:
     return lambda r: None
 
 
+def check_audits(audits: Sequence[str] | str, settings: Mapping[str, Mapping[str, Any]] | None
+                 ) -> tuple[list[str], dict[str, dict[str, Any]], dict[str, str]]:
+    """``(audit names, resolved settings per audit, settings key per audit)`` of the ``audits`` argument (a list
+    or a comma-separated str) and the ``settings`` overrides; ValueError for unknown names."""
+    if isinstance(audits, str):
+        audits = [a.strip() for a in audits.split(",") if a.strip()]
+    audits = list(dict.fromkeys(audits))
+    if not audits:
+        raise ValueError("audits: expected at least one audit name, got none")
+    for a in audits:
+        if a not in AUDITS or a not in AUDIT_TABLES:
+            raise ValueError(f"audits: expected names from {tuple(AUDITS)}, got {a!r}")
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(AUDITS))
+    if unknown:
+        raise ValueError(f"settings: unknown audit {unknown[0]!r}; expected some of {tuple(AUDITS)}")
+    resolved = {a: resolve_settings(a, settings.get(a)) for a in audits}
+    return audits, resolved, {a: settings_key(resolved[a]) for a in audits}
+
+
 def audit_fleet(
     manifest: str | os.PathLike | Iterable[ManifestEntry],
     audits: Sequence[str] = ("calibration",),
@@ -414,20 +434,7 @@ def audit_fleet(
     background thread while the current one computes.
     """
     t_start = time.perf_counter()
-    if isinstance(audits, str):
-        audits = [a.strip() for a in audits.split(",") if a.strip()]
-    audits = list(dict.fromkeys(audits))
-    if not audits:
-        raise ValueError("audits: expected at least one audit name, got none")
-    for a in audits:
-        if a not in AUDITS or a not in AUDIT_TABLES:
-            raise ValueError(f"audits: expected names from {tuple(AUDITS)}, got {a!r}")
-    settings = dict(settings or {})
-    unknown = sorted(set(settings) - set(AUDITS))
-    if unknown:
-        raise ValueError(f"settings: unknown audit {unknown[0]!r}; expected some of {tuple(AUDITS)}")
-    resolved = {a: resolve_settings(a, settings.get(a)) for a in audits}
-    skeys = {a: settings_key(resolved[a]) for a in audits}
+    audits, resolved, skeys = check_audits(audits, settings)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     if isinstance(manifest, (str, os.PathLike)):

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from vlmfast.tuning.robust import (RobustResult, _check_int, _check_real, _train_arrays, predict,
+from vlmfast.tuning.robust import (RobustResult, _check_int, _check_real, _fit_inputs, _train_arrays, predict,
                                    zero_shot_classifier)
 
 #: Defaults: lam 0.8 (the port's 0.8 / 0.2), temperature 0.07 (the reference's zero-shot temperature), FLYP's
@@ -156,7 +156,6 @@ def fit(
     computed here with the input model from ``discovered`` / ``medoid_embeddings`` + ``spurious_ids``. ``lam``: the
     weight of ``L_CLIP`` in [0, 1] (1: plain contrastive fine-tuning). ``warmup``: default 2 % of the steps.
     """
-    from vlmfast.data import CAPTION_TEMPLATES
     from vlmfast.models.factory import get_tokenizer, preprocess_for, resolve_device
     from vlmfast.models.regions import _prepare, _region_forward
     from vlmfast.models.text import encode_truncated, fill_templates, text_parts, tokenize, zero_shot_head
@@ -165,19 +164,7 @@ def fit(
     from vlmfast.train import EpochSampler, TrainConfig, step_generator
     from vlmfast.train import fit as train_fit
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an open_clip model (torch.nn.Module), got {type(model).__name__}")
-    images, labels = _train_arrays(data)
-    if classnames is None:
-        classnames = getattr(data, "classnames", None)
-        if classnames is None:
-            raise ValueError("classnames: data has no .classnames; pass classnames=[...]")
-    classnames = [str(c) for c in classnames]
-    if int(labels.min()) < 0 or int(labels.max()) >= len(classnames):
-        raise ValueError(f"data: labels must lie in [0, {len(classnames)}) for {len(classnames)} class names")
-    templates = list(CAPTION_TEMPLATES if templates is None else templates)
-    if not templates or any(not isinstance(t, str) or "{}" not in t for t in templates):
-        raise ValueError(f"templates: expected non-empty strings with one '{{}}', got {templates!r}")
+    images, labels, classnames, templates = _fit_inputs(model, data, classnames, templates)
     _check_int("steps", steps, 1)
     _check_int("batch_size", batch_size, 1)
     _check_int("seed", seed, 0)

@@ -317,6 +317,31 @@ def _train_arrays(data: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
+def _fit_inputs(model: Any, data: Any, classnames: Sequence[str] | None, templates: Sequence[str] | None
+                ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
+    """The checks every fine-tuning entry shares: ``(images, labels, classnames, templates)`` (class names from
+    ``data.classnames`` by default, templates from ``vlmfast.data.CAPTION_TEMPLATES``)."""
+    from vlmfast.data import CAPTION_TEMPLATES
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an open_clip model (torch.nn.Module), got {type(model).__name__}")
+    images, labels = _train_arrays(data)
+    if classnames is None:
+        classnames = getattr(data, "classnames", None)
+        if classnames is None:
+            raise ValueError("classnames: data has no .classnames; pass classnames=[...]")
+    classnames = [str(c) for c in classnames]
+    if not classnames:
+        raise ValueError("classnames: expected at least one class name, got none")
+    if int(labels.min()) < 0 or int(labels.max()) >= len(classnames):
+        raise ValueError(f"data: labels must lie in [0, {len(classnames)}) for {len(classnames)} class names, got "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    templates = list(CAPTION_TEMPLATES if templates is None else templates)
+    if not templates or any(not isinstance(t, str) or "{}" not in t for t in templates):
+        raise ValueError(f"templates: expected non-empty strings with one '{{}}', got {templates!r}")
+    return images, labels, classnames, templates
+
+
 def _lp_head(visual_model: nn.Module, feats: torch.Tensor, labels: torch.Tensor, n_cls: int, *, steps: int,
              lr: float, weight_decay: float, batch_size: int, seed: int, precision: str, progress) -> tuple[
                  torch.Tensor, torch.Tensor, Any]:
@@ -383,7 +408,6 @@ def fit(
     ``oc_squared``, ``ema_every`` (default :func:`default_ema_every`). LP-FT: ``lp_steps`` (default ``steps // 2``)
     at ``lp_lr``, then ``steps`` FT steps. ``checkpoint_dir``: resumable (a rerun continues exactly).
     """
-    from vlmfast.data import CAPTION_TEMPLATES
     from vlmfast.models.factory import get_tokenizer, preprocess_for, resolve_device
     from vlmfast.models.text import encode_images, encode_truncated, fill_templates, text_parts, tokenize
     from vlmfast.ops.contrastive_loss import clip_loss
@@ -391,22 +415,7 @@ def fit(
     from vlmfast.train import fit as train_fit
 
     _check_choice("method", method, METHODS)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected an open_clip model (torch.nn.Module), got {type(model).__name__}")
-    images, labels = _train_arrays(data)
-    if classnames is None:
-        classnames = getattr(data, "classnames", None)
-        if classnames is None:
-            raise ValueError("classnames: data has no .classnames; pass classnames=[...]")
-    classnames = [str(c) for c in classnames]
-    if not classnames:
-        raise ValueError("classnames: expected at least one class name, got none")
-    if int(labels.min()) < 0 or int(labels.max()) >= len(classnames):
-        raise ValueError(f"data: labels must lie in [0, {len(classnames)}) for {len(classnames)} class names, got "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
-    templates = list(CAPTION_TEMPLATES if templates is None else templates)
-    if not templates or any(not isinstance(t, str) or "{}" not in t for t in templates):
-        raise ValueError(f"templates: expected non-empty strings with one '{{}}', got {templates!r}")
+    images, labels, classnames, templates = _fit_inputs(model, data, classnames, templates)
     _check_int("steps", steps, 1)
     _check_int("batch_size", batch_size, 1)
     _check_int("seed", seed, 0)
