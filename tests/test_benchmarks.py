@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("script", ["bench_calibration.py", "bench_text.py", "bench_equal_mass_bins.py",
                                     "bench_prompt_logits.py", "bench_prompt_tuning.py",
                                     "bench_contrastive_loss.py", "bench_heatmaps.py",
-                                    "bench_kmeans_assign.py", "bench_region_loss.py", "bench_cluster.py"])
+                                    "bench_kmeans_assign.py", "bench_region_loss.py", "bench_cluster.py",
+                                    "bench_fleet.py"])
 def test_bench_script_quick(script, tmp_path):
     before = (ROOT / "benchmarks" / "results.csv").read_bytes() if (ROOT / "benchmarks" / "results.csv").exists() else b""
     out = subprocess.run(
