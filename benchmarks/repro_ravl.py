@@ -153,7 +153,8 @@ def main(argv=None) -> int:
                                             "runs": runs}, indent=1))
     text = table(runs)
     print(text)
-    result = {"config": vars(args), "base": {"config": args.base_config, "metrics": card.get("metrics")},
+    config = {**vars(args), "out": str(Path(args.out).name)}  # no machine path in the results
+    result = {"config": config, "base": {"config": args.base_config, "metrics": card.get("metrics")},
               "device": _runner.device_name("cpu"), "git": _runner.git_sha(), "table": text, "runs": runs}
     if not args.quick:
         out.write_text(json.dumps(result, indent=1, default=str))

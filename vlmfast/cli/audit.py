@@ -181,17 +181,10 @@ def run_spurious(args: argparse.Namespace) -> int:
 
 
 def split_data(split: str, n: int, seed: int):
-    from vlmfast.data import CORRUPTIONS, corrupted_test, sklearn_digits, spurious_mnist
+    """The ``--split`` of the audits: ``test``, ``sklearn-digits`` or ``KIND-SEVERITY``."""
+    from vlmfast.fleet.runner import build_split
 
-    if split == "test":
-        return spurious_mnist("test", n=n, seed=seed)
-    if split == "sklearn-digits":
-        return sklearn_digits(n=n, seed=seed)
-    m = re.fullmatch(r"([a-z]+)-([1-5])", split)
-    if m and m.group(1) in CORRUPTIONS:
-        return corrupted_test(m.group(1), int(m.group(2)), n=n, seed=seed)
-    raise ValueError(f"--split: expected test, sklearn-digits or KIND-SEVERITY with KIND in {CORRUPTIONS} and "
-                     f"SEVERITY in 1..5, got {split!r}")
+    return build_split(split, n, seed, what="--split", id_name="test")
 
 
 def load_audited(spec: str, *, base_preset: str, device: Any, progress: Any):

@@ -264,17 +264,19 @@ def resolve_settings(audit: str, overrides: Mapping[str, Any] | None = None) -> 
 # ------------------------------------------------------------------------------------------------- splits
 
 
-def _build_split(name: str, n: int, seed: int):
+def build_split(name: str, n: int, seed: int, *, what: str = "splits", id_name: str = "id"):
+    """One built-in evaluation split by name: ``id_name`` (``spurious_mnist("test")``), ``"sklearn-digits"`` or
+    ``"KIND-SEVERITY"`` (a corrupted test split); ValueError naming ``what`` for anything else."""
     from vlmfast.data import CORRUPTIONS, corrupted_test, sklearn_digits, spurious_mnist
 
-    if name == "id":
+    if name == id_name:
         return spurious_mnist("test", n=n, seed=seed)
     if name == "sklearn-digits":
         return sklearn_digits(n=n, seed=seed)
     m = re.fullmatch(r"([a-z]+)-([1-5])", name)
     if m and m.group(1) in CORRUPTIONS:
         return corrupted_test(m.group(1), int(m.group(2)), n=n, seed=seed)
-    raise ValueError(f"splits: expected 'id', 'sklearn-digits' or KIND-SEVERITY with KIND in {CORRUPTIONS} and "
+    raise ValueError(f"{what}: expected {id_name}, sklearn-digits or KIND-SEVERITY with KIND in {CORRUPTIONS} and "
                      f"SEVERITY in 1..5, got {name!r}")
 
 
@@ -300,7 +302,7 @@ def build_splits(splits: Sequence[str] | Mapping[str, Any] = DEFAULT_SPLITS, *, 
                 raise ValueError(f"splits: expected non-empty split names, got {name!r}")
             if name in out:
                 raise ValueError(f"splits: {name!r} given twice")
-            data = _build_split(name, n, seed)
+            data = build_split(name, n, seed)
             out[name] = Split(name, data, data_fingerprint(data, name), {"source": name, "n": len(data), "seed": seed})
     if not out:
         raise ValueError("splits: expected at least one split, got none")
