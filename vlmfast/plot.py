@@ -134,6 +134,35 @@ def reliability_diagram(
     return out
 
 
+def _image_grid(images: torch.Tensor, draw, path: str | os.PathLike, titles: Sequence[str] | None, *, ncols: int,
+                title: str | None, dpi: int, tile: tuple[float, float]) -> Path:
+    """A PNG grid of checked ``images (K, 3, H, W)`` (uint8 or float in [0, 1]); ``draw(ax, i)`` adds tile i's overlay
+    on top of its image. Shared by :func:`heatmap_overlays` and :func:`region_gallery`."""
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "vlmfast.plot").FigureCanvasAgg
+    Figure = require("matplotlib.figure", "vlmfast.plot").Figure
+    k = images.shape[0]
+    ncols = max(1, min(ncols, k))
+    nrows = math.ceil(k / ncols)
+    img = images.detach().cpu()
+    img = (img.float() / 255.0 if img.dtype == torch.uint8 else img.float()).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    fig = Figure(figsize=(tile[0] * ncols, tile[1] * nrows), dpi=dpi)
+    FigureCanvasAgg(fig)
+    for i in range(k):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        ax.imshow(img[i], interpolation="nearest")
+        draw(ax, i)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, bbox_inches="tight")
+    return out
+
+
 def heatmap_overlays(
     images: torch.Tensor,
     maps: torch.Tensor,
@@ -162,31 +191,14 @@ def heatmap_overlays(
         raise ValueError(f"titles: expected {k} titles, got {len(titles)}")
     if k == 0:
         raise ValueError("images: expected at least one image, got none")
-    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "vlmfast.plot").FigureCanvasAgg
-    Figure = require("matplotlib.figure", "vlmfast.plot").Figure
-    ncols = max(1, min(ncols, k))
-    nrows = math.ceil(k / ncols)
-    img = images.detach().cpu()
-    img = (img.float() / 255.0 if img.dtype == torch.uint8 else img.float()).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     hm = maps.detach().cpu().float().numpy()
-    fig = Figure(figsize=(2.4 * ncols, 2.6 * nrows), dpi=dpi)
-    FigureCanvasAgg(fig)
-    for i in range(k):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
-        ax.imshow(img[i], interpolation="nearest")
+
+    def draw(ax, i):
         ax.imshow(hm[i], cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0, interpolation="bilinear")
         if masks is not None:
             ax.contour(masks[i].detach().cpu().float().numpy(), levels=[0.5], colors="white", linewidths=0.8)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if titles is not None:
-            ax.set_title(titles[i], fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, bbox_inches="tight")
-    return out
+
+    return _image_grid(images, draw, path, titles, ncols=ncols, title=title, dpi=dpi, tile=(2.4, 2.6))
 
 
 def region_gallery(
@@ -213,31 +225,14 @@ def region_gallery(
                          f"{tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__}")
     if titles is not None and len(titles) != k:
         raise ValueError(f"titles: expected {k} titles, got {len(titles)}")
-    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "vlmfast.plot").FigureCanvasAgg
-    Figure = require("matplotlib.figure", "vlmfast.plot").Figure
     Rectangle = require("matplotlib.patches", "vlmfast.plot").Rectangle
-    ncols = max(1, min(ncols, k))
-    nrows = math.ceil(k / ncols)
-    img = images.detach().cpu()
-    img = (img.float() / 255.0 if img.dtype == torch.uint8 else img.float()).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-    b = boxes.detach().cpu().float()
-    fig = Figure(figsize=(2.0 * ncols, 2.2 * nrows), dpi=dpi)
-    FigureCanvasAgg(fig)
-    for i in range(k):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
-        ax.imshow(img[i], interpolation="nearest")
-        x1, y1, x2, y2 = (float(v) for v in b[i])
+    bx = boxes.detach().cpu().float()
+
+    def draw(ax, i):
+        x1, y1, x2, y2 = (float(v) for v in bx[i])
         ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, edgecolor="yellow", linewidth=1.5))
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if titles is not None:
-            ax.set_title(titles[i], fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, bbox_inches="tight")
-    return out
+
+    return _image_grid(images, draw, path, titles, ncols=ncols, title=title, dpi=dpi, tile=(2.0, 2.2))
 
 
 def scatter_panels(
