@@ -15,12 +15,12 @@
 #include <vector>
 
 #include "simd.h"
+#include "threads.h"
 
 namespace vlmfast {
 namespace {
 
 constexpr int64_t kBlockElems = 1 << 13;          // elements per row task (a block of whole rows, at least one)
-constexpr int64_t kGrainElems = 1 << 14;          // elements per thread at least: tiny chunks use fewer threads
 constexpr int64_t kColVecs = 8;                   // eight-lane vectors per column block
 constexpr int64_t kColBlock = kColVecs * 8;       // columns per column task
 constexpr int64_t kRowRun = 8 * 8;                // elements summed in float32 along a row before the float64 flush
@@ -369,11 +369,6 @@ void check_vec(const TensorView& t, const char* name, int64_t n, const char* lik
                 " stride, got ", t.stride(0));
 }
 
-int pick_threads(int num_threads, int64_t elems, int64_t tasks) {
-  const int64_t t = num_threads > 0 ? num_threads : omp_get_max_threads();
-  const int64_t by_work = std::max<int64_t>(1, elems / kGrainElems);
-  return static_cast<int>(std::max<int64_t>(1, std::min(std::min(t, by_work), tasks)));
-}
 
 int64_t rows_per_block(int64_t B) { return std::max<int64_t>(1, kBlockElems / std::max<int64_t>(B, 1)); }
 

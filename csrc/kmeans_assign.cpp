@@ -14,12 +14,12 @@
 #include <limits>
 
 #include "simd.h"
+#include "threads.h"
 
 namespace vlmfast {
 namespace {
 
 constexpr int64_t kBlockElems = 1 << 13;  // scores per OpenMP task of pass 1 (a block of whole rows, at least one)
-constexpr int64_t kGrainElems = 1 << 14;  // elements per thread at least: tiny chunks run on fewer threads
 constexpr int64_t kMinSliceCols = 16;     // feature columns per thread at least in pass 2
 
 using namespace simd;  // NOLINT: the eight-lane helpers of simd.h
@@ -162,11 +162,6 @@ void check_vec(const TensorView& t, const char* name, DType dtype, int64_t n, co
                 " stride, got ", t.stride(0));
 }
 
-int pick_threads(int num_threads, int64_t work, int64_t max_tasks) {
-  const int64_t t = num_threads > 0 ? num_threads : omp_get_max_threads();
-  const int64_t by_work = std::max<int64_t>(1, work / kGrainElems);
-  return static_cast<int>(std::max<int64_t>(1, std::min(std::min(t, by_work), max_tasks)));
-}
 
 }  // namespace
 

@@ -13,12 +13,12 @@
 #include <limits>
 
 #include "simd.h"
+#include "threads.h"
 
 namespace vlmfast {
 namespace {
 
 constexpr int64_t kBlockElems = 1 << 13;  // logits per OpenMP task (a block of whole rows, at least one)
-constexpr int64_t kGrainElems = 1 << 14;  // logits per thread at least: tiny chunks run on fewer threads
 
 using namespace simd;  // NOLINT: the eight-lane helpers of simd.h
 
@@ -269,11 +269,6 @@ void check_eps(double eps) {
   VLMFAST_CHECK(eps >= 0.0 && eps <= 1.0, "label_smoothing: expected a value in [0, 1], got ", eps);
 }
 
-int pick_threads(int num_threads, int64_t R, int64_t C) {
-  const int64_t t = num_threads > 0 ? num_threads : omp_get_max_threads();
-  const int64_t by_work = std::max<int64_t>(1, (R * C) / kGrainElems);
-  return static_cast<int>(std::max<int64_t>(1, std::min(std::min(t, by_work), R)));
-}
 
 }  // namespace
 
@@ -294,7 +289,7 @@ void prompt_logits_rows_fwd_cpu(const TensorView& z, const TensorView& labels, d
                   conf.stride(0), pred.data<int64_t>(), pred.stride(0), label_smoothing, ignore_index};
   const int64_t rows = std::max<int64_t>(1, kBlockElems / C);
   const int64_t blocks = (R + rows - 1) / rows;
-  const int threads = pick_threads(num_threads, R, C);
+  const int threads = pick_threads(num_threads, R * C, R);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
   for (int64_t b = 0; b < blocks; ++b) fwd_rows(a, b * rows, std::min(R, (b + 1) * rows));
 }
@@ -323,7 +318,7 @@ void prompt_logits_rows_bwd_cpu(const TensorView& z, const TensorView& lse, cons
                   ignore_index};
   const int64_t rows = std::max<int64_t>(1, kBlockElems / C);
   const int64_t blocks = (R + rows - 1) / rows;
-  const int threads = pick_threads(num_threads, R, C);
+  const int threads = pick_threads(num_threads, R * C, R);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1)
   for (int64_t b = 0; b < blocks; ++b) bwd_rows(a, b * rows, std::min(R, (b + 1) * rows));
 }

@@ -4,6 +4,7 @@
 // regions) and a per-region first argmax over the present classes. The backward pass writes dsim over c in one
 // read. Semantics: see region_loss.h.
 #include "region_loss.h"
+#include "threads.h"
 
 #include <omp.h>
 
@@ -16,7 +17,6 @@ namespace vlmfast {
 namespace {
 
 constexpr int64_t kBlockElems = 1 << 13;  // similarities per OpenMP task (a block of whole images, at least one)
-constexpr int64_t kGrainElems = 1 << 14;  // similarities per thread at least: tiny chunks use fewer threads
 constexpr float kNinf = -std::numeric_limits<float>::infinity();
 
 struct Strided {
@@ -46,11 +46,6 @@ void check_1d(const TensorView& t, const char* name, DType dtype, int64_t n) {
   VLMFAST_CHECK(t.size(0) == n, name, ": expected shape (", n, ",) like c's classes, got (", t.size(0), ",)");
 }
 
-int pick_threads(int num_threads, int64_t elems, int64_t tasks) {
-  const int64_t t = num_threads > 0 ? num_threads : omp_get_max_threads();
-  const int64_t by_work = std::max<int64_t>(1, elems / kGrainElems);
-  return static_cast<int>(std::max<int64_t>(1, std::min(std::min(t, by_work), tasks)));
-}
 
 }  // namespace
 
