@@ -31,7 +31,7 @@ $(VENV)/.built: $(VENV)/.stack setup.py CMakeLists.txt pyproject.toml $(CSRC)
 install: $(VENV)/.built
 
 demo: install
-	$(PY) -m vlmfast demo --out out
+	$(PY) -m vlmfast demo --out demo-output
 
 test: install
 	$(PY) -m pytest -m "not slow" -n 2 -q $(PYTEST_ARGS)

@@ -228,3 +228,27 @@ def assert_bins_match(a, b, conf_ref: torch.Tensor, n_bins: int, margin: float =
         assert bool((diff <= allowed).all()), f"{name}: differs by {diff.tolist()} (allowed {allowed.tolist()})"
     for name in ("saturated_count", "saturated_correct"):
         assert torch.equal(getattr(a, name).cpu(), getattr(b, name).cpu()), name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fleet
+# ---------------------------------------------------------------------------------------------------------
+
+
+def fake_discovery(monkeypatch):
+    """Discovery on a 1-step random model finds nothing; stand in a result whose top cluster is cluster 0 of the
+    real medoids (the plan's code path is unchanged)."""
+    import vlmfast.audit.spurious as S
+
+    real = S.discover
+
+    def discover(model, data, classnames, **kw):
+        res = real(model, data, classnames, **kw)
+        if not res.found:
+            from vlmfast.audit.spurious import SpuriousCluster
+
+            res.clusters = [SpuriousCluster(id=0, gap=0.5, influence=1.0, regions=[0], medoid=0, table=[],
+                                            images=[0], attribute=9, attribute_name="nine")]
+        return res
+
+    monkeypatch.setattr(S, "discover", discover)

@@ -109,20 +109,52 @@ def test_missing_labels_and_bad_values(tmp_path, capsys):
     assert "labels: expected values in [0, 3)" in capsys.readouterr().err
 
 
-def test_demo_runs_offline(tmp_path, capsys):
-    """The main job on the built-in data: the test-preset base (cached across the suite) at three logit scales,
-    audited on in-distribution and shifted sets."""
-    assert main(["demo", "--out", str(tmp_path), "--n-test", "400", "--presets", "test", "--backend", "cpp"]) == 0
-    out = capsys.readouterr().out
-    assert "Fleet: 3 models" in out and "## sklearn digits (domain shift)" in out and "| test x2 |" in out
-    for slug in ("test", "sklearn-digits", "noise-severity-3", "blur-severity-3"):
-        assert (tmp_path / f"reliability-{slug}.png").stat().st_size > 20_000
-    d = json.loads((tmp_path / "calibration.json").read_text())["sets"]
-    ind, shift = d["test (in distribution)"], d["sklearn digits (domain shift)"]
-    i = ind["models"].index("test x1")
-    # a real domain shift: accuracy drops and calibration error grows
-    assert shift["accuracy"][i] < ind["accuracy"][i] - 0.1
-    assert shift["ece"][i] > ind["ece"][i]
+def test_demo_runs_the_whole_fleet_job_offline(tmp_path, capsys, monkeypatch):
+    """The main job's wiring on a shrunk plan (the demo's own methods, a few steps each) and 60-image splits: the
+    runs, the three audits into the store, the report with the findings, and a re-run that recomputes nothing."""
+    from tests._utils import fake_discovery
+    from vlmfast.cli import demo as D
+    from vlmfast.fleet import AuditStore
+
+    fake_discovery(monkeypatch)  # a 3-step shortcut model may find nothing; RaVL needs a cluster to mitigate
+    small = {"steps": 3, "batch_size": 16, "train_n": 60}
+    plan = dict(D.DEMO_PLAN, defaults={"seed": [0, 1]}, runs=[
+        {"method": "zs"},
+        {"name": "ft", "method": "ft", "strength": 0.0, "seed": 0, **small},
+        {"name": "flyp", "method": "flyp", "strength": [0.0, 0.95], **small},
+        {"name": "carot", "method": "carot", "strength": 0.0, **small},
+        {"name": "ravl", "method": "ravl", "discover_from": "flyp", "strength": 0.95, "discovery_n": 40,
+         "discovery_ks": [4, 6], **small},
+        {"name": "coop", "method": "coop", "dor": [False, True], "steps": 3, "shots": 1, "n_ctx": 2, "seed": 0,
+         "train_n": 60}])
+    monkeypatch.setattr(D, "DEMO_PLAN", plan)
+    monkeypatch.setitem(D.DEMO_SETTINGS, "spurious", {"ks": [4, 6]})
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--n", "60"]) == 0
+    text = capsys.readouterr().out
+    n_runs = 1 + 1 + 4 + 2 + 2 + 2
+    assert f"{n_runs} runs: {n_runs} done, 0 skipped, 0 failed" in text
+    for claim in ("fine-tuning lowers PT and raises IR", "DOR lowers new-class ECE vs CoOp",
+                  "CaRot lowers OOD ECE vs FLYP", "RaVL finds the planted feature and raises worst-group accuracy"):
+        assert claim in text
+    html = (out / "report" / "index.html").read_text(encoding="utf-8")
+    assert 'id="findings"' in html and (out / "report" / "calibration.csv").is_file()
+    demo = json.loads((out / "demo.json").read_text())
+    assert [f["key"] for f in demo["findings"]] == ["rationality", "dor", "carot", "ravl"]
+    assert all(f["verdict"] != "not measured" for f in demo["findings"]), demo["findings"]
+    with AuditStore(out / "audit.sqlite") as st:
+        units = {(a, r["split"]) for a in D.DEMO_AUDITS for r in st.results(a)}
+        n_cal = len(st.results("calibration"))
+    assert {("calibration", s) for s in D.DEMO_AUDITS["calibration"]} <= units
+    assert ("rationality", "sklearn-digits") in units and ("spurious", "id") in units
+    assert ("rationality", "noise-3") not in units  # rationality runs on its own splits only
+    assert (out / "plan.yaml").read_text().count("method:") == len(plan["runs"])
+    # a second run reuses every run and every result
+    assert main(["demo", "--out", str(out), "--n", "60"]) == 0
+    again = capsys.readouterr().out
+    assert f"{n_runs} runs: 0 done, {n_runs} skipped" in again and "0 results computed" in again
+    with AuditStore(out / "audit.sqlite") as st:
+        assert len(st.results("calibration")) == n_cal
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -284,7 +316,7 @@ def test_usage_errors_are_one_line(good, capsys):
                        (["calibration", path, "--n-bins", "0"], "vlmfast calibration"),
                        (["calibration", path + ".missing.npz"], "vlmfast calibration"),
                        (["calibration", path, "--labels", path, "--labels-key", "logits"], "vlmfast calibration"),
-                       (["demo", "--n-test", "0"], "vlmfast demo")]:
+                       (["demo", "--n", "0"], "vlmfast demo")]:
         assert main(argv) == 2, argv
         _assert_one_line_error(2, capsys.readouterr().err, prog)
     assert main(["calibration", "--help"]) == 0

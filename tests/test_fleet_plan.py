@@ -17,6 +17,8 @@ import yaml
 from vlmfast.fleet import audit_fleet, build_splits, load_manifest, load_plan, plan_from_dict, run_plan
 from vlmfast.fleet.plan import settings_hash
 
+from tests._utils import fake_discovery as _fake_discovery
+
 TINY = {"version": 1, "model": "vlmfast-tiny-rn", "device": "cpu",
         "defaults": {"steps": 1, "train_n": 20, "batch_size": 8}}
 
@@ -124,25 +126,6 @@ def test_expansion_count_and_stable_ids():
 # ------------------------------------------------------------------------------------------------ running
 
 
-def _fake_discovery(monkeypatch):
-    """Discovery on a 1-step random model finds nothing; stand in a result whose top cluster is cluster 0 of the
-    real medoids (the plan's code path is unchanged)."""
-    import vlmfast.audit.spurious as S
-
-    real = S.discover
-
-    def discover(model, data, classnames, **kw):
-        res = real(model, data, classnames, **kw)
-        if not res.found:
-            from vlmfast.audit.spurious import SpuriousCluster
-
-            res.clusters = [SpuriousCluster(id=0, gap=0.5, influence=1.0, regions=[0], medoid=0, table=[],
-                                            images=[0], attribute=9, attribute_name="nine")]
-        return res
-
-    monkeypatch.setattr(S, "discover", discover)
-
-
 def test_run_plan_manifest_and_audit(tmp_path, splits, monkeypatch):
     _fake_discovery(monkeypatch)
     runs = [{"method": "zs"},
@@ -181,11 +164,45 @@ def test_run_plan_manifest_and_audit(tmp_path, splits, monkeypatch):
     assert wise.meta["alpha"] == 0.5 and wise.meta["source"] == plan.runs[3].run_id
     fleet = audit_fleet(s.manifest, ["calibration"], tmp_path / "audit.sqlite", {"id": splits["id"]}, device="cpu")
     assert fleet.failed == [] and fleet.done == 7 and fleet.computed == 7
+    _check_prompt_and_group_rows(tmp_path / "audit.sqlite", entries, splits["id"].data)
 
     # a second call does nothing; the manifest is the same
     text = s.manifest.read_text()
     again = run_plan(plan, out)
     assert again.done == [] and len(again.skipped) == 7 and s.manifest.read_text() == text
+
+
+def _check_prompt_and_group_rows(db, entries, data):
+    """The prompt entry's base-to-new rows equal :func:`evaluate_base_to_new` (base = its trained classes); every
+    entry's worst-group accuracy equals the RaVL evaluation's group table on the same logits."""
+    import math
+
+    import torch
+
+    from vlmfast.fleet import AuditStore, load_entry
+    from vlmfast.fleet.runner import BASE_NEW_METRICS
+    from vlmfast.tuning import evaluate_base_to_new
+    from vlmfast.tuning.region import _group_table
+    from vlmfast.tuning.robust import predict
+
+    with AuditStore(db) as st:
+        names = {m["model_key"]: m["name"] for m in st.models()}
+        got = {(names[r["model_key"]], r["metric"]): r["value"] for r in st.results("calibration")}
+    coop = [e for e in entries if e.kind == "prompt"][0]
+    learner = load_entry(coop, device="cpu").audited
+    assert learner.classnames == list(data.classnames[:5])  # trained on the base half
+    ref = evaluate_base_to_new(learner.model, learner, data, n_bins=15)
+    expect = {"base_accuracy": ref["base"]["accuracy"], "new_accuracy": ref["new"]["accuracy"], "H": ref["H"],
+              "base_ece": ref["base"]["ece"], "new_ece": ref["new"]["ece"], "base_ace": ref["base"]["ace"],
+              "new_ace": ref["new"]["ace"]}
+    for m in BASE_NEW_METRICS:
+        assert got[(coop.name, m)] == pytest.approx(expect[m], abs=1e-6), m
+    ft = [e for e in entries if e.method == "ft"][0]
+    assert (ft.name, "new_ece") not in got  # base-to-new is for prompt learners only
+    logits, _ = predict(load_entry(ft, device="cpu").audited, data)
+    wg = _group_table(logits.argmax(1), torch.as_tensor(data.labels).long(), torch.as_tensor(data.has_spurious),
+                      logits.shape[1])["worst_group"]
+    assert not math.isnan(wg) and got[(ft.name, "worst_group_accuracy")] == pytest.approx(wg, abs=1e-12)
 
 
 def test_killed_plan_resumes_only_the_rest(tmp_path, monkeypatch):

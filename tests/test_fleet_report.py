@@ -272,7 +272,7 @@ def test_variants_and_plot_options(tmp_path):
                          [("id", "ece", ece + (name == "b") * 0.1), ("id", "accuracy", 0.5)])
     res = write_report(db, tmp_path / "r", plots=False)
     html = res.index.read_text()
-    assert res.files == [res.index] and not (tmp_path / "r" / "plots").exists()
+    assert res.files == [tmp_path / "r" / "findings.json", res.index] and not (tmp_path / "r" / "plots").exists()
     assert "Plots were turned off" in html
     section = _section(html, "audit-calibration")
     assert section.count("<tr>") == 5 and ">variant<" in section
@@ -288,7 +288,8 @@ def test_no_matplotlib_is_a_note_or_an_error(tmp_path, synthetic, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     res = write_report(db, tmp_path / "r")
-    assert "matplotlib is not installed" in res.index.read_text() and res.files == [res.index]
+    assert "matplotlib is not installed" in res.index.read_text()
+    assert res.files == [tmp_path / "r" / "findings.json", res.index]
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match=r"matplotlib.*vlmfast\[plot\]"):
         build_report(db, tmp_path / "r2", plots=True)

@@ -6,8 +6,10 @@ CSV / Parquet exports (``vlmfast report audit.sqlite --out report/``).
 =========================  ==========================================================================================
 ``index.html``             (format ``html``) one self-contained page: inline CSS and a small vanilla-JS table
                            sorter (click or Enter on a header; numbers sort as numbers, a missing value last either
-                           way) — nothing is fetched from the network. Sections: the per-method summary, the plots,
-                           one table per audit, the models, the failures, the provenance, notes
+                           way) — nothing is fetched from the network. Sections: whether each seed paper's finding
+                           reappears (:mod:`vlmfast.fleet.findings`), the per-method summary, the plots, one table
+                           per audit, the models, the failures, the provenance, notes
+``findings.json``          (with ``html``) the findings with every number behind each verdict
 ``plots/*.png``            (with ``html``, when matplotlib is there) ``ece_vs_accuracy.png``: ECE against accuracy of
                            every current model, a panel per split, coloured by method; ``pt_vs_ir.png``: PT against
                            IR, the same way (:func:`vlmfast.plot.scatter_panels`)
@@ -96,7 +98,8 @@ NO_METHOD = "(none)"
 class ModelInfo:
     """A model of the store: its key, ``name`` (``models.name``), ``label`` (the name, or ``name@KEY8`` for a
     superseded key), the card's ``method`` / ``seed`` / ``kind``, ``path``, ``first_seen`` (Unix time; None for a
-    key without a ``models`` row) and ``current`` (False when a later key has the same name)."""
+    key without a ``models`` row), ``current`` (False when a later key has the same name), ``tags`` and the card's
+    ``meta`` (a plan run's strength, train_n, run id)."""
 
     model_key: str
     name: str
@@ -108,6 +111,7 @@ class ModelInfo:
     first_seen: float | None = None
     current: bool = True
     tags: tuple[str, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass
@@ -187,7 +191,8 @@ def load_fleet(db: str | os.PathLike | AuditStore) -> Fleet:
                 method=str(card.get("method") or ""),
                 seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
                 kind=str(card.get("kind") or ""), path=m["path"], first_seen=m["first_seen"], current=current,
-                tags=tuple(str(t) for t in card.get("tags") or ()))
+                tags=tuple(str(t) for t in card.get("tags") or ()),
+                meta=dict(card["meta"]) if isinstance(card.get("meta"), dict) else {})
         results = {a: store.results(a) for a in AUDIT_TABLES}
         settings = {k: {"audit": a, "settings": json.loads(s)} for k, a, s in store.db.execute(
             "SELECT settings_key, audit, settings FROM settings ORDER BY audit, settings_key").fetchall()}
@@ -335,6 +340,8 @@ tbody tr:nth-child(even){background:#fafbfc}tr.superseded td{color:#888}
 pre{background:#f6f8fa;padding:.5em;overflow:auto;max-height:20em;font-size:12px;margin:0}
 figure{display:inline-block;margin:0 1.5em 1em 0}figure img{max-width:100%;border:1px solid #ddd}
 code{background:#f3f5f8;padding:0 .2em}
+.verdict{font-weight:600;padding:0 .3em;border-radius:3px}.verdict.yes{background:#dcf5dc}
+.verdict.partly{background:#fdf3d0}.verdict.no{background:#fadcdc}ul.findings>li{margin-bottom:.6em}
 """
 
 #: The table sorter: pure ``vlmfastOrder`` (testable without a DOM) and the wiring of every ``table.sortable``.
@@ -422,6 +429,20 @@ def _summary_section(fleet: Fleet) -> str:
     return ('<p>Per method and split, over the current models of the method (its seeds): mean ± sample standard '
             'deviation (n − 1) of each key metric, NaN values left out — <span class="muted">(k/n)</span> when '
             'only k of the n models have a value.</p>' + "".join(parts))
+
+
+def _findings_section(findings: Sequence[Any]) -> str:
+    if not findings:
+        return '<p class="empty">No findings checked.</p>'
+    items = []
+    for f in findings:
+        cls = {"reappears": "yes", "partly": "partly", "does not reappear": "no"}.get(f.verdict, "muted")
+        lines = "".join(f"<li>{_e(line)}</li>" for line in f.lines())
+        items.append(f'<li><b>{_e(f.paper)}</b> — <i>{_e(f.claim)}</i>: <span class="verdict {cls}">'
+                     f"{_e(f.verdict)}</span><ul>{lines}</ul></li>")
+    return ('<p>Each seed paper\'s finding, checked on the numbers of this store (rule: '
+            '<code>vlmfast.fleet.findings</code> — a comparison counts when the mean moves the paper\'s way by more '
+            'than the seed spread; values in percent).</p><ul class="findings">' + "".join(items) + "</ul>")
 
 
 def _audit_section(fleet: Fleet, audit: str) -> str:
@@ -566,7 +587,10 @@ def render_html(fleet: Fleet, plots: Sequence[tuple[str, str]] = (), notes: Sequ
     generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     n_results = sum(len(v) for v in fleet.results.values())
     audits = [a for a in AUDIT_TABLES if fleet.results[a]]
-    nav = [("summary", "Summary"), ("plots", "Plots")] + [(f"audit-{a}", a) for a in audits] + [
+    from vlmfast.fleet.findings import check_findings
+
+    findings = check_findings(fleet)
+    nav = [("findings", "Findings"), ("summary", "Summary"), ("plots", "Plots")] + [(f"audit-{a}", a) for a in audits] + [
         ("models", "Models"), ("failures", f"Failures ({len(fleet.failures)})"), ("provenance", "Provenance"),
         ("notes", "Notes")]
     body = [f"<h1>{_e(title)}</h1>",
@@ -574,6 +598,7 @@ def render_html(fleet: Fleet, plots: Sequence[tuple[str, str]] = (), notes: Sequ
             f'({", ".join(f"{a}: {len(fleet.results[a])}" for a in AUDIT_TABLES)}), {len(fleet.failures)} failures '
             f'— store <code>{_e(fleet.path)}</code>, generated {_e(generated)}. Click a column header to sort.</p>',
             "<nav>" + "".join(f'<a href="#{k}">{_e(v)}</a>' for k, v in nav) + "</nav>",
+            '<h2 id="findings">Do the papers\' findings reappear?</h2>', _findings_section(findings),
             '<h2 id="summary">Per-method summary</h2>', _summary_section(fleet),
             '<h2 id="plots">Plots</h2>']
     if plots:
@@ -723,7 +748,13 @@ def write_report(db: str | os.PathLike | AuditStore, out: str | os.PathLike, *,
         "Superseded models (an older key of a name that was retrained) are in the tables, not in the summary or "
         "the plots."]
     from vlmfast._cache import atomic_target
+    from vlmfast.fleet.findings import check_findings
 
+    findings_path = out / "findings.json"
+    with atomic_target(findings_path) as tmp:
+        tmp.write_text(json.dumps([f.as_dict() for f in check_findings(fleet)], indent=1, allow_nan=False),
+                       encoding="utf-8")
+    result.files.append(findings_path)
     index = out / "index.html"
     with atomic_target(index) as tmp:
         tmp.write_text(render_html(fleet, written, result.notes, title=title), encoding="utf-8")

@@ -25,7 +25,10 @@ options) -> [(split, metric, value)]``):
   a prompt learner's logits — its learned context with every class name of the split, on its backbone's image
   features, as :func:`vlmfast.tuning.evaluate_base_to_new` computes them, all classes as one closed set)
   into :func:`vlmfast.metrics.calibration`: ``accuracy``, ``confidence``, ``ece``, ``ace``, ``mce``,
-  ``mce_weighted``, ``rmsce``, ``nll``, ``brier``, ``ece_per_batch`` (with ``per_batch``), ``n``;
+  ``mce_weighted``, ``rmsce``, ``nll``, ``brier``, ``ece_per_batch`` (with ``per_batch``), ``n``; on a split with
+  a planted feature (``has_spurious``: the spurious-MNIST composites) also ``worst_group_accuracy`` (groups: class
+  x square present); for a prompt learner also the base-to-new protocol (:data:`BASE_NEW_METRICS`: base = the
+  classes it was trained on, new = the split's others, each half a closed set; ECE / ACE at ``n_bins``);
 * ``rationality`` — :func:`vlmfast.audit.heatmaps` of the ground-truth class scored by
   :func:`vlmfast.metrics.rationality` against the digit masks (``mask="box"``: ``masks_from_boxes`` of the tight
   digit boxes; ``"stroke"``: the stroke pixels): ``accuracy``, ``pt``, ``ir``, ``mean_rma_correct``, ``RR``,
@@ -139,7 +142,63 @@ def calibration_audit(target: Any, split: Split, settings: Mapping[str, Any],
     if settings["per_batch"] is not None:
         rows.append((split.name, "ece_per_batch", _num(r.ece_per_batch)))
     rows.append((split.name, "n", float(labels.shape[0])))
+    if getattr(data, "has_spurious", None) is not None:
+        rows.append((split.name, "worst_group_accuracy", worst_group_accuracy(logits, labels, data.has_spurious)))
+    if isinstance(target, PromptLearner) and not target.csc:
+        rows.extend(_base_to_new_rows(target, data, feats, split.name, int(settings["n_bins"])))
     return rows
+
+
+def worst_group_accuracy(logits: Any, labels: Any, has_spurious: Any) -> float:
+    """The lowest accuracy over the groups class x spurious feature present (the groups with a sample)."""
+    import torch
+
+    y = torch.as_tensor(labels).long().flatten()
+    present = torch.as_tensor(has_spurious).bool().flatten().long()
+    n_cls = int(logits.shape[-1])
+    g = y * 2 + present
+    correct = (logits.argmax(-1).cpu() == y).double()
+    n = torch.bincount(g, minlength=2 * n_cls).double()
+    c = torch.bincount(g, weights=correct, minlength=2 * n_cls)
+    valid = n > 0
+    return float((c[valid] / n[valid]).min()) if bool(valid.any()) else float("nan")
+
+
+#: The base-to-new metrics of a prompt learner's calibration audit (the CoOp protocol: base classes = the ones it
+#: was trained on, new = the others of the split, each half a closed set).
+BASE_NEW_METRICS = ("base_accuracy", "new_accuracy", "H", "base_ece", "new_ece", "base_ace", "new_ace")
+
+
+def _base_to_new_rows(learner: Any, data: Any, feats: Any, split: str, n_bins: int) -> list[tuple[str, str, float]]:
+    """Base / new accuracy and ECE / ACE of ``learner`` on ``data`` (base = its trained class names; nothing when
+    the split has no class of either half)."""
+    import torch
+
+    from vlmfast.metrics import calibration
+
+    names = list(data.classnames)
+    trained = set(learner.classnames)
+    base_ids = [i for i, c in enumerate(names) if c in trained]
+    new_ids = [i for i, c in enumerate(names) if c not in trained]
+    if not base_ids or not new_ids:
+        return []
+    labels = torch.as_tensor(data.labels).long().flatten()
+    out: dict[str, float] = {}
+    for part, ids in (("base", base_ids), ("new", new_ids)):
+        remap = torch.full((len(names),), -1, dtype=torch.long)
+        remap[torch.tensor(ids)] = torch.arange(len(ids))
+        y = remap[labels]
+        mask = y >= 0
+        if not bool(mask.any()):
+            return []
+        with torch.no_grad():
+            logits = learner.logits(feats[mask.to(feats.device)], [names[i] for i in ids]).float().cpu()
+        cal = calibration(logits, y[mask], n_bins=n_bins)
+        out[f"{part}_accuracy"], out[f"{part}_ece"], out[f"{part}_ace"] = (
+            _num(cal.accuracy), _num(cal.ece), _num(cal.ace))
+    b, nw = out["base_accuracy"], out["new_accuracy"]
+    out["H"] = 2 * b * nw / (b + nw) if b + nw > 0 else 0.0
+    return [(split, m, out[m]) for m in BASE_NEW_METRICS]
 
 
 def digit_masks(data: Any, kind: str):
@@ -212,7 +271,7 @@ def _default_templates() -> list[str]:
 AUDITS: dict[str, Audit] = {
     "calibration": Audit("calibration", calibration_audit,
                          {"n_bins": 15, "per_batch": 512, "templates": None},  # None: CAPTION_TEMPLATES
-                         kinds=("clip", "classifier", "base", "prompt")),
+                         version=2, kinds=("clip", "classifier", "base", "prompt")),
     "rationality": Audit("rationality", rationality_audit, {"threshold": 0.5, "blocks": "auto", "mask": "box"}),
     "spurious": Audit("spurious", spurious_audit,
                       {"ks": None, "clip_distances": True, "threshold": 0.25, "method": "auto", "seed": 0,
@@ -328,6 +387,8 @@ class ModelReport:
 
     def line(self) -> str:
         if self.status == "skipped":
+            if not self.reused:
+                return f"{self.name}: skipped (no audit asked for applies to it)"
             return f"{self.name}: skipped ({self.reused} results already stored)"
         what = ", ".join(f"{a}/{s}" for a, s in self.computed) or "nothing"
         text = f"{self.name}: {self.status} ({what} in {self.seconds:.1f} s" + (
