@@ -32,8 +32,73 @@ CONFIGS = {
     "cpu-12-calibration": dict(models=12, n=1000, audits=("calibration",), device="cpu", ray=True, reps=2),
     "cpu-6-three-audits": dict(models=6, n=200, audits=("calibration", "rationality", "spurious"), device="cpu",
                                ray=True, reps=1),
+    # prompt-tuned heads sharing one backbone: grouped (encode once, all heads in one calibration pass) against the
+    # one-by-one path, timed on its first `ref_heads` heads and scaled to the fleet
+    "quick-heads": dict(heads=8, ref_heads=2, n=200, device="cpu", reps=1),
+    "cpu-1000-prompt-heads": dict(heads=1000, ref_heads=10, n=10_000, device="cpu", reps=1),
 }
 SETTINGS = {"spurious": {"ks": [20, 24]}}
+
+
+def _heads(root: Path, m: int):
+    """``m`` CoOp learners (the same 4-token context, perturbed per head; trained on the base half) on one random-init
+    ``vlmfast-tiny-rn`` checkpoint."""
+    from vlmfast.data import CLASSNAMES
+    from vlmfast.fleet import ManifestEntry
+    from vlmfast.models import create_model, save_checkpoint
+    from vlmfast.tuning.prompt import PromptLearner
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = create_model("vlmfast-tiny-rn", device="cpu").eval()
+        save_checkpoint(model, root / "backbone", {"method": "random"})
+        learner = PromptLearner(model, list(CLASSNAMES[:5]), method="coop", n_ctx=4)
+        init = learner.ctx.detach().clone()
+        entries = []
+        for i in range(m):
+            with torch.no_grad():
+                learner.ctx.copy_(init + 0.5 * torch.randn_like(init))
+            learner.save(root / f"h{i}" / "learner")
+            entries.append(ManifestEntry(name=f"h{i}", path=f"h{i}/learner", kind="prompt", method="coop", seed=i,
+                                         backbone="backbone", root=root))
+    return entries
+
+
+def run_heads(name: str, cfg: dict, reps: int | None, record: bool) -> None:
+    from vlmfast.fleet import audit_fleet, build_splits
+
+    reps = reps or cfg["reps"]
+    m, k = cfg["heads"], cfg["ref_heads"]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-heads-"))
+    entries = _heads(tmp / "zoo", m)
+    splits = build_splits(("id",), n=cfg["n"], seed=0)
+    counter = iter(range(10_000))
+
+    def fresh(fleet, grouped):
+        def call():
+            db = tmp / f"run{next(counter)}.sqlite"
+            s = audit_fleet(fleet, ["calibration"], db, splits, device="cpu", group_prompts=grouped)
+            assert s.done == len(fleet) and not s.failed, s.line()
+            call.last = db
+        return call
+
+    grouped = fresh(entries, True)
+    timings = {"grouped": _runner.time_fn(grouped, "cpu", reps=reps, warmup=0, max_seconds=600)}
+    one = fresh(entries[:k], False)
+    t = _runner.time_fn(one, "cpu", reps=1, warmup=0, max_seconds=600)
+    scale = m / k
+    timings["one by one"] = _runner.Timing(t.median * scale, t.p20 * scale, t.p80 * scale, t.reps)
+    a, b = (_rows(db, ["calibration"])["calibration"] for db in (grouped.last, one.last))
+    keys = {r["model_key"] for r in b}
+    same = _compare({"calibration": [r for r in a if r["model_key"] in keys]}, {"calibration": b})
+    notes = {"grouped": f"{m / (timings['grouped'].median / 6e4):.0f} heads/min; vs one by one on the first {k} "
+                        f"heads: {same}",
+             "one by one": f"timed on {k} heads ({t.median / 1e3:.1f} s), scaled x{scale:g}; "
+                           f"{m / (timings['one by one'].median / 6e4):.1f} heads/min"}
+    _runner.report("fleet", f"{name}: {m} prompt heads on one vlmfast-tiny-rn x calibration x {cfg['n']} images",
+                   "cpu", timings, ref="one by one", peer="one by one", notes=notes,
+                   extra_note="random-init backbone, CoOp contexts perturbed per head; no peer fleet runner exists",
+                   record=record)
 
 
 def _fleet(root: Path, m: int):
@@ -135,8 +200,12 @@ def run(name: str, cfg: dict, reps: int | None, record: bool) -> None:
                    extra_note="random-init tiny rn/vit checkpoints; no peer fleet runner exists", record=record)
 
 
+def _run(name: str, cfg: dict, reps: int | None, record: bool) -> None:
+    (run_heads if "heads" in cfg else run)(name, cfg, reps, record)
+
+
 def main(argv=None) -> int:
-    return _runner.cli(argv, __doc__, CONFIGS, run)
+    return _runner.cli(argv, __doc__, CONFIGS, _run, skip_by_default=("quick", "quick-heads"))
 
 
 if __name__ == "__main__":

@@ -15,9 +15,17 @@ ROOT = Path(__file__).resolve().parents[1]
                                     "bench_kmeans_assign.py", "bench_region_loss.py", "bench_cluster.py",
                                     "bench_fleet.py"])
 def test_bench_script_quick(script, tmp_path):
+    _run_quick(script, "quick", tmp_path)
+
+
+def test_bench_fleet_prompt_heads_quick(tmp_path):
+    _run_quick("bench_fleet.py", "quick-heads", tmp_path)
+
+
+def _run_quick(script, config, tmp_path):
     before = (ROOT / "benchmarks" / "results.csv").read_bytes() if (ROOT / "benchmarks" / "results.csv").exists() else b""
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--config", "quick", "--no-record", "--reps", "3"],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--config", config, "--no-record", "--reps", "3"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]

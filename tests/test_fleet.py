@@ -562,3 +562,56 @@ def test_ray_fleet_equals_the_in_process_run(tmp_path, zoo, splits, reference):
         assert again.skipped == 3 and again.computed == 0
     finally:
         ray.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------- prompt heads
+
+
+def _learners(root, backbone_path, model):
+    """Prompt entries on one saved backbone: three CoOp/KgCoOp learners with different contexts (trained on the
+    base half), a CoCoOp learner (never grouped) and a learner whose file is corrupt."""
+    from vlmfast.data import CLASSNAMES
+    from vlmfast.fleet import ManifestEntry
+    from vlmfast.tuning.prompt import PromptLearner
+
+    entries = []
+    for i, method in enumerate(("coop", "coop", "kgcoop", "cocoop", "coop")):
+        learner = PromptLearner(model, list(CLASSNAMES[:5]), method=method, n_ctx=2, seed=i)
+        with torch.no_grad():
+            learner.ctx.add_(0.3 * torch.randn_like(learner.ctx))
+        learner.save(root / f"p{i}" / "learner")
+        entries.append(ManifestEntry(f"p{i}", f"p{i}/learner", "prompt", method=method, backbone=str(backbone_path),
+                                     root=root))
+    (root / "p4" / "learner.safetensors").write_bytes(b"not a safetensors file")
+    return entries
+
+
+def test_grouped_prompt_heads_equal_the_one_by_one_path(tmp_path, zoo, splits):
+    """Prompt learners sharing a backbone are audited as one group (backbone loaded and each split encoded once,
+    every head in one calibration pass): the same rows as one by one, to float32 rounding; the corrupt learner
+    fails alone; CoCoOp runs one by one either way."""
+    from vlmfast.fleet.runner import prompt_groups
+    from vlmfast.models import load_checkpoint
+
+    model, _ = load_checkpoint(zoo / "ckpt" / "rn", device="cpu")
+    entries = _learners(tmp_path, zoo / "ckpt" / "rn", model)
+    assert list(prompt_groups(entries).values()) == [[0, 1, 2, 4]]
+    dbs = {}
+    for grouped in (True, False):
+        dbs[grouped] = tmp_path / f"{grouped}.sqlite"
+        s = audit_fleet(entries, ["calibration"], dbs[grouped], splits, device="cpu", group_prompts=grouped)
+        assert s.done == 4 and s.computed == 4 * 2 and [f[:2] for f in s.failed] == [("p4", "load")]
+    a, b = ({(r["name"], r["split"], r["metric"]): r["value"] for r in _rows(dbs[g])["calibration"]}
+            for g in (True, False))
+    assert a.keys() == b.keys() and len(a) == 4 * 2 * (12 + 7)  # 4 models x 2 splits x (metrics + base/new)
+    for k in a:
+        assert (a[k] is None and b[k] is None) or a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+    assert {k[-1] for k in a} >= {"new_ece", "worst_group_accuracy", "H"}
+    again = audit_fleet(entries, ["calibration"], dbs[True], splits, device="cpu")
+    assert again.computed == 0 and again.skipped == 4 and again.n_failed == 1
+    # a group whose backbone is missing: every member is recorded as failed, nothing is computed
+    from dataclasses import replace
+
+    gone = [replace(e, backbone=str(tmp_path / "missing")) for e in entries[:3]]
+    s = audit_fleet(gone, ["calibration"], tmp_path / "gone.sqlite", splits, device="cpu")
+    assert s.computed == 0 and [f[:2] for f in s.failed] == [(e.name, "load") for e in gone]

@@ -418,22 +418,38 @@ def _combine(kind: str, parts: Mapping[str, str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def model_key(entry: ManifestEntry, model: Any = None) -> tuple[str, dict[str, str]]:
+def model_key(entry: ManifestEntry, model: Any = None, *, cache: dict[Any, str] | None = None
+              ) -> tuple[str, dict[str, str]]:
     """``(model_key, {role: sha256})`` of an entry (module docs). File entries are hashed without loading; a
     ``base`` entry needs its loaded ``model`` (the roles are then ``{"weights": weights_hash(model)}``), and so does
-    a ``prompt`` entry on a ``base`` backbone (``{"learner": ..., "backbone": weights_hash(model)}``)."""
+    a ``prompt`` entry on a ``base`` backbone (``{"learner": ..., "backbone": weights_hash(model)}``). ``cache``: a
+    dict the caller keeps while the files cannot change (one fleet run), so that a backbone shared by many prompt
+    entries is hashed once (keys: a file's path, size and mtime; the id of ``model``)."""
+    def digest(f: Path) -> str:
+        if cache is None:
+            return weights_digest(f)
+        st = os.stat(f)
+        k = ("file", str(Path(f).resolve()), st.st_size, st.st_mtime_ns)
+        if k not in cache:
+            cache[k] = weights_digest(f)
+        return cache[k]
+
     if entry.base_backbone:
         if model is None:
             raise ValueError(f"entry {entry.name!r}: a {entry.kind!r} entry on the base model is keyed by its loaded "
                              f"weights; pass model=")
         from vlmfast.models.text import weights_hash
 
-        if entry.kind == "base":
-            parts = {"weights": weights_hash(model)}
+        if cache is None:
+            wh = weights_hash(model)
         else:
-            parts = {"learner": weights_digest(checkpoint_files(entry)["learner"]), "backbone": weights_hash(model)}
+            wh = cache.get(("model", id(model))) or cache.setdefault(("model", id(model)), weights_hash(model))
+        if entry.kind == "base":
+            parts = {"weights": wh}
+        else:
+            parts = {"learner": digest(checkpoint_files(entry)["learner"]), "backbone": wh}
     else:
-        parts = {role: weights_digest(f) for role, f in checkpoint_files(entry).items()}
+        parts = {role: digest(f) for role, f in checkpoint_files(entry).items()}
     return _combine(entry.kind, parts), parts
 
 

@@ -368,6 +368,128 @@ def build_splits(splits: Sequence[str] | Mapping[str, Any] = DEFAULT_SPLITS, *, 
     return out
 
 
+# ------------------------------------------------------------------------------------------------- prompt heads
+
+
+def _groupable(entry: ManifestEntry) -> bool:
+    """A prompt entry whose class features do not depend on the image (not CoCoOp): it can join a head group."""
+    return entry.kind == "prompt" and not str(entry.method or "").startswith("cocoop")
+
+
+def _backbone_id(entry: ManifestEntry) -> tuple[str, ...]:
+    if entry.base_backbone:
+        return ("base", str(entry.config), str(entry.preset))
+    return ("file", str(entry.backbone_resolved))
+
+
+def prompt_groups(entries: Sequence[ManifestEntry]) -> dict[tuple[str, ...], list[int]]:
+    """Backbone -> the indices of the groupable prompt entries on it, for backbones with at least two (the others
+    run one by one)."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, e in enumerate(entries):
+        if _groupable(e):
+            groups.setdefault(_backbone_id(e), []).append(i)
+    return {k: v for k, v in groups.items() if len(v) > 1}
+
+
+def _load_backbone(entry: ManifestEntry, device: Any, bars: bool) -> Any:
+    from vlmfast.fleet.manifest import checkpoint_files
+
+    if entry.base_backbone:
+        from vlmfast.models import pretrain_base
+
+        model, _ = pretrain_base(config=entry.config, preset=entry.preset, device=device,
+                                 progress=None if bars else False)
+    else:
+        from vlmfast.models import load_checkpoint
+
+        model, _ = load_checkpoint(checkpoint_files(entry)["backbone"], device=device)
+    return model.eval()
+
+
+def _worst_group_many(xn: Any, wn: Any, scale: Any, labels: Any, present: Any, chunk_elems: int = 1 << 22) -> Any:
+    """(M,) worst-group accuracy (groups class x feature present) of M heads ``wn`` (M, C, D) on ``xn`` (N, D),
+    both normalized; the (M, N, C) logits exist one block of heads at a time."""
+    import torch
+
+    M, C, _ = wn.shape
+    N = xn.shape[0]
+    g = labels * 2 + present.long()
+    n = torch.bincount(g, minlength=2 * C).double()
+    valid = n > 0
+    out = torch.empty(M, dtype=torch.float64)
+    step = max(1, chunk_elems // max(1, N * C))
+    for h0 in range(0, M, step):
+        h1 = min(M, h0 + step)
+        pred = torch.matmul(xn, wn[h0:h1].transpose(1, 2)).argmax(-1)  # (h, N); the scale does not move argmax
+        correct = (pred == labels).double()
+        c = torch.zeros(h1 - h0, 2 * C, dtype=torch.float64).index_add_(1, g, correct)
+        out[h0:h1] = (c[:, valid] / n[valid]).min(1).values
+    return out
+
+
+def grouped_calibration_rows(feats: Any, heads: Any, scale: Any, data: Any, trained: Sequence[Sequence[str]],
+                             settings: Mapping[str, Any], split: str) -> list[list[tuple[str, str, float]]]:
+    """The calibration audit's rows for M prompt heads on one backbone at once: ``feats`` (N, D) the split's image
+    features, ``heads`` (M, C, D) each learner's class text features for the split's class names, ``scale`` the
+    backbone's logit multiplier, ``trained[m]`` the class names learner m was trained on (its base classes). The
+    logits never exist for all heads at once (:func:`vlmfast.metrics.calibration_from_features`); the rows equal
+    :func:`calibration_audit`'s for each learner, to float32 rounding of the GEMM."""
+    import torch
+
+    from vlmfast.metrics import calibration_from_features
+
+    M = heads.shape[0]
+    n_bins, per_batch = int(settings["n_bins"]), settings["per_batch"]
+    labels = torch.as_tensor(data.labels).long().flatten()
+    feats = feats.float().cpu()
+    heads = heads.float().cpu()
+    scale_m = torch.as_tensor(scale, dtype=torch.float32).reshape(1).expand(M).contiguous()
+    r = calibration_from_features(feats, heads, scale_m, labels, n_bins=n_bins, per_batch=per_batch)
+    rows: list[list[tuple[str, str, float]]] = [[] for _ in range(M)]
+    for m in range(M):
+        rows[m] = [(split, k, _num(getattr(r, k)[m])) for k in CALIBRATION_METRICS]
+        if per_batch is not None:
+            rows[m].append((split, "ece_per_batch", _num(r.ece_per_batch[m])))
+        rows[m].append((split, "n", float(labels.shape[0])))
+    if getattr(data, "has_spurious", None) is not None:
+        xn = torch.nn.functional.normalize(feats, dim=-1)
+        wn = torch.nn.functional.normalize(heads, dim=-1)
+        wg = _worst_group_many(xn, wn, scale, labels, torch.as_tensor(data.has_spurious).bool().flatten())
+        for m in range(M):
+            rows[m].append((split, "worst_group_accuracy", float(wg[m])))
+    names = list(data.classnames)
+    by_trained: dict[tuple[str, ...], list[int]] = {}
+    for m, t in enumerate(trained):
+        by_trained.setdefault(tuple(t), []).append(m)
+    for t, members in by_trained.items():
+        base_ids = [i for i, c in enumerate(names) if c in set(t)]
+        new_ids = [i for i, c in enumerate(names) if c not in set(t)]
+        if not base_ids or not new_ids:
+            continue
+        part: dict[str, Any] = {}
+        for half, ids in (("base", base_ids), ("new", new_ids)):
+            remap = torch.full((len(names),), -1, dtype=torch.long)
+            remap[torch.tensor(ids)] = torch.arange(len(ids))
+            y = remap[labels]
+            mask = y >= 0
+            if not bool(mask.any()):
+                part = {}
+                break
+            sub = heads[members][:, ids]
+            part[half] = calibration_from_features(feats[mask], sub, scale_m[:len(members)], y[mask],
+                                                   n_bins=n_bins)
+        if not part:
+            continue
+        for j, m in enumerate(members):
+            v = {f"{h}_{k}": _num(getattr(part[h], k)[j]) for h in ("base", "new") for k in ("accuracy", "ece",
+                                                                                             "ace")}
+            b, nw = v["base_accuracy"], v["new_accuracy"]
+            v["H"] = 2 * b * nw / (b + nw) if b + nw > 0 else 0.0
+            rows[m].extend((split, k, v[k]) for k in BASE_NEW_METRICS)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------- the runner
 
 
@@ -485,6 +607,7 @@ def audit_fleet(
     device: Any = None,
     batch_size: int = 64,
     prefetch: bool = True,
+    group_prompts: bool = True,
 ) -> FleetSummary:
     """Audit every model of ``manifest`` (a ``manifest.yaml`` path or loaded entries) with ``audits`` on
     ``splits`` into the store ``db`` (a path or an open :class:`AuditStore`), skipping every unit the store
@@ -494,7 +617,9 @@ def audit_fleet(
     defaults (:func:`resolve_settings`). ``progress``: a callable given each model's :class:`ModelReport` as it
     finishes, True to print its line on stderr, None/False for nothing. ``bars``: the audits' own progress bars.
     ``device``: where the models run (default CUDA when available). ``prefetch``: load the next model in a
-    background thread while the current one computes.
+    background thread while the current one computes. ``group_prompts``: audit the prompt learners (not CoCoOp)
+    that share a backbone together — the backbone loaded and each split encoded once, every head's calibration in
+    one pass (:func:`grouped_calibration_rows`); the numbers equal the one-by-one path's to float32 rounding.
     """
     t_start = time.perf_counter()
     audits, resolved, skeys = check_audits(audits, settings)
@@ -539,6 +664,105 @@ def audit_fleet(
         rep.errors.append((audit, _error_text(e)))
         store.record_failure(key, audit, e, name=entry.name, path=str(entry.resolved or entry.path))
         summary.failed.append((entry.name, audit, _error_text(e)))
+
+    groups = prompt_groups(entries) if group_prompts else {}
+    grouped = {i for idx in groups.values() for i in idx}
+    all_entries, entries = entries, [e for i, e in enumerate(entries) if i not in grouped]
+
+    def run_group(members: list[ManifestEntry]) -> None:
+        """The prompt entries of one backbone (module docs of :func:`grouped_calibration_rows`)."""
+        import torch
+
+        from vlmfast.fleet.manifest import checkpoint_files
+        from vlmfast.models.text import encode_images
+        from vlmfast.tuning.prompt import load_prompt_learner
+
+        t0 = time.perf_counter()
+        try:
+            backbone = _load_backbone(members[0], device, bars)
+        except Exception as e:
+            for entry in members:
+                rep = ModelReport(entry.name, "done")
+                fail(rep, None, "load", e, entry)
+                report(rep)
+            return
+        from vlmfast.models.text import weights_hash
+
+        hashes: dict[Any, str] = {}
+        backbone_hash = weights_hash(backbone)
+        work = []  # (entry, key, rep, todo)
+        for entry in members:
+            rep = ModelReport(entry.name, "done")
+            try:
+                key, parts = model_key(entry, backbone if entry.base_backbone else None, cache=hashes)
+            except Exception as e:
+                fail(rep, None, "load", e, entry)
+                report(rep)
+                continue
+            rep.model_key = key
+            store.add_model(key, entry.name, str(entry.resolved or entry.path),
+                            {"kind": entry.kind, "method": entry.method, "seed": entry.seed, "tags": entry.tags,
+                             "meta": entry.meta, "files": parts})
+            todo, rep.reused = pending_units(key, entry.kind)
+            summary.reused += rep.reused
+            if not todo:
+                rep.status, rep.seconds = "skipped", 0.0
+                summary.skipped += 1
+                report(rep)
+                continue
+            work.append((entry, key, rep, todo))
+        if not work:
+            return
+        feats: dict[str, Any] = {}
+        heads: dict[int, dict[str, Any]] = {}  # work index -> split -> (C, D) class features
+        trained: dict[int, list[str]] = {}
+        for j, (entry, key, rep, todo) in enumerate(work):
+            try:
+                learner = load_prompt_learner(checkpoint_files(entry)["learner"], backbone, model_hash=backbone_hash)
+            except Exception as e:
+                fail(rep, key, "load", e, entry)
+                continue
+            trained[j], heads[j] = list(learner.classnames), {}
+            for a, sp in todo:
+                try:
+                    if a != "calibration":
+                        raise ValueError(f"audit {a!r} does not apply to prompt entries")
+                    with torch.no_grad():
+                        heads[j][sp.name] = learner.text_features(list(sp.data.classnames)).float().cpu()
+                except Exception as e:
+                    fail(rep, key, a, e, entry)
+            del learner
+        for sp in {sp.name: sp for _, _, _, todo in work for _, sp in todo}.values():
+            members_j = [j for j in heads if sp.name in heads[j]]
+            if not members_j:
+                continue
+            t_unit = time.perf_counter()
+            try:
+                if sp.name not in feats:
+                    feats[sp.name] = encode_images(backbone, sp.data, batch_size=max(batch_size, 1)).float().cpu()
+                scale = backbone.logit_scale.detach().float().exp().cpu() if getattr(
+                    backbone, "logit_scale", None) is not None else torch.tensor(100.0)
+                rows = grouped_calibration_rows(feats[sp.name], torch.stack([heads[j][sp.name] for j in members_j]),
+                                                scale, sp.data, [trained[j] for j in members_j],
+                                                resolved["calibration"], sp.name)
+            except Exception as e:
+                for j in members_j:
+                    entry, key, rep, _ = work[j]
+                    fail(rep, key, "calibration", e, entry)
+                continue
+            per = (time.perf_counter() - t_unit) / len(members_j)
+            for j, r in zip(members_j, rows):
+                entry, key, rep, _ = work[j]
+                store.write(key, "calibration", sp.fingerprint, resolved["calibration"], r, seconds=per,
+                            split_info={sp.name: sp.info})
+                rep.computed.append(("calibration", sp.name))
+                summary.computed += 1
+        total = time.perf_counter() - t0
+        for entry, key, rep, _ in work:
+            rep.seconds = total / len(work)
+            if rep.status == "done":
+                summary.done += 1
+            report(rep)
 
     try:
         # Per entry: (1) hash — in the background, started while the entry before it computes; (2) look up its
@@ -614,6 +838,8 @@ def audit_fleet(
             if rep.status == "done":
                 summary.done += 1
             report(rep)
+        for idx in groups.values():
+            run_group([all_entries[i] for i in idx])
     finally:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)

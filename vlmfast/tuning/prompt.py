@@ -599,11 +599,13 @@ class PromptLearner(nn.Module):
         return weights_path
 
 
-def load_prompt_learner(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> PromptLearner:
+def load_prompt_learner(path: str | os.PathLike, model: nn.Module, *, strict: bool = True,
+                        model_hash: str | None = None) -> PromptLearner:
     """A :class:`PromptLearner` saved by :meth:`PromptLearner.save`, rebuilt on ``model`` (safetensors only, never
     a pickle). The card is checked against the model: a different text width / output dimension / context length
     raises ValueError; with ``strict`` so does a different open_clip config name; different weights (same config)
-    only warn. The weights' SHA-256 is checked against the card."""
+    only warn. The weights' SHA-256 is checked against the card. ``model_hash``: ``weights_hash(model)`` when the
+    caller has it already (many learners on one backbone), else computed here."""
     from safetensors.torch import load_file
 
     from vlmfast.models.checkpoint import checkpoint_paths
@@ -651,9 +653,11 @@ def load_prompt_learner(path: str | os.PathLike, model: nn.Module, *, strict: bo
             raise ValueError(f"{weights_path}: {k!r} has shape {tuple(v.shape)}, the learner expects "
                              f"{tuple(own[k].shape)}")
     learner.load_state_dict({k: v.to(own[k].device) for k, v in state.items()})
-    if card.get("model_weights_hash") and card["model_weights_hash"] != weights_hash(model):
-        warnings.warn(f"{card_path}: the learner was trained on other weights of this config (hash "
-                      f"{card['model_weights_hash']} vs {weights_hash(model)})", stacklevel=2)
+    if card.get("model_weights_hash"):
+        have_hash = model_hash if model_hash is not None else weights_hash(model)
+        if card["model_weights_hash"] != have_hash:
+            warnings.warn(f"{card_path}: the learner was trained on other weights of this config (hash "
+                          f"{card['model_weights_hash']} vs {have_hash})", stacklevel=2)
     learner.hparams = dict(card.get("hparams") or {})
     learner.train_log = {"metrics": dict(card.get("metrics") or {})}
     learner.card_on_disk = card
