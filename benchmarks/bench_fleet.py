@@ -189,7 +189,8 @@ def run(name: str, cfg: dict, reps: int | None, record: bool) -> None:
             raycall()  # warm the workers (their first imports), then time
             same = _compare(_rows(raycall.last, audits), _rows(ref_db, audits))
             timings["ray (2 CPUs)"] = _runner.time_fn(raycall, "cpu", reps=reps, warmup=0, max_seconds=600)
-            notes["ray (2 CPUs)"] = f"cluster start {start_s:.1f} s (not timed); workers warmed; store vs in-process: {same}"
+            notes["ray (2 CPUs)"] = (f"cluster start {start_s:.1f} s (not timed); workers warmed; store vs "
+                                     f"in-process: {same}")
         finally:
             ray.shutdown()
     for k, t in timings.items():

@@ -157,6 +157,31 @@ def test_demo_runs_the_whole_fleet_job_offline(tmp_path, capsys, monkeypatch):
         assert len(st.results("calibration")) == n_cal
 
 
+def test_progress_plain_and_rich():
+    """Plain lines off a terminal (nothing else); with rich bars the same lines still reach the stream."""
+    import io
+
+    from vlmfast.cli._progress import Progress
+
+    buf = io.StringIO()
+    with Progress(stream=buf) as p:
+        assert not p.bars
+        bar = p.stage("runs", 2)
+        bar.advance("a: done")
+        bar.advance("b: done")
+        p.line("summary")
+    assert buf.getvalue() == "a: done\nb: done\nsummary\n"
+    buf = io.StringIO()
+    with Progress(enabled=True, stream=buf) as p:
+        assert p.bars
+        bar = p.stage("runs", 2)
+        bar.advance("a: done")
+        bar.advance("b: done")
+        bar.done()
+    text = buf.getvalue()
+    assert "a: done" in text and "b: done" in text and "runs" in text and "2/2" in text
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Hardening (issue 8): one-line errors, exit 2; quiet broken pipes; strict JSON; keys; output folders
 # ---------------------------------------------------------------------------------------------------------

@@ -615,3 +615,82 @@ def test_grouped_prompt_heads_equal_the_one_by_one_path(tmp_path, zoo, splits):
     gone = [replace(e, backbone=str(tmp_path / "missing")) for e in entries[:3]]
     s = audit_fleet(gone, ["calibration"], tmp_path / "gone.sqlite", splits, device="cpu")
     assert s.computed == 0 and [f[:2] for f in s.failed] == [(e.name, "load") for e in gone]
+
+
+# ------------------------------------------------------------------------------------------------- artifacts
+
+
+def test_artifacts_are_part_of_the_unit_and_a_v1_store_migrates(tmp_path):
+    from vlmfast.fleet.store import MIGRATIONS
+
+    s = {"n_bins": 15}
+    with AuditStore(tmp_path / "a.sqlite") as st:
+        st.write("k", "calibration", "fp", s, [("id", "ece", 0.1)], artifacts=[("id", "reliability", "json", b"{}")])
+        assert [(a["name"], a["data"]) for a in st.artifacts("calibration")] == [("reliability", b"{}")]
+        with pytest.raises(ValueError, match="artifacts\\[0\\]"):  # a bad artifact: the unit is not rewritten
+            st.write("k", "calibration", "fp", s, [("id", "ece", 0.3)], artifacts=[("id", "x", "pickle", b"")])
+        assert [r["value"] for r in st.results("calibration")] == [0.1] and len(st.artifacts()) == 1
+        st.write("k", "calibration", "fp", s, [("id", "ece", 0.2)])  # rewriting the unit replaces its artifacts
+        assert st.artifacts() == []
+    # a store written at schema version 1 (no artifacts table) is migrated on open, its rows kept
+    old = tmp_path / "v1.sqlite"
+    con = sqlite3.connect(old)
+    for stmt in MIGRATIONS[1]:
+        con.execute(stmt)
+    con.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    con.execute("INSERT INTO calibration VALUES ('k', 'fp', 'sk', 'id', 'ece', 0.5)")
+    con.commit()
+    con.close()
+    with AuditStore(old) as st:
+        assert st.schema_version() == SCHEMA_VERSION == 2 and st.artifacts() == []
+        assert [r["value"] for r in st.results("calibration")] == [0.5]
+
+
+def test_reference_run_artifacts_equal_the_audits(zoo, splits, reference):
+    """Each unit's artifacts: the reliability bins of calibration(), the first heatmaps and masks of the split, the
+    top cluster's regions (when one was found); none when audited with artifacts=False."""
+    import json
+
+    from safetensors.torch import load
+
+    from vlmfast.audit import heatmaps
+    from vlmfast.data import CAPTION_TEMPLATES
+    from vlmfast.fleet.runner import N_ARTIFACT_IMAGES
+    from vlmfast.metrics import calibration, masks_from_boxes
+    from vlmfast.models import load_checkpoint
+    from vlmfast.tuning.robust import predict, zero_shot_classifier
+
+    db, _ = reference
+    with AuditStore(db) as st:
+        names = {m["model_key"]: m["name"] for m in st.models()}
+        arts = {(names[a["model_key"]], a["audit"], a["split"], a["name"]): a for a in st.artifacts()}
+    for name in ("rn", "vit", "ft"):
+        for sp in ("id", "noise-3"):
+            assert (name, "calibration", sp, "reliability") in arts and (name, "rationality", sp, "heatmaps") in arts
+    rn, _ = load_checkpoint(zoo / "ckpt" / "rn", device="cpu")
+    data = splits["noise-3"].data
+    logits, _ = predict(zero_shot_classifier(rn, data.classnames, list(CAPTION_TEMPLATES)), data)
+    r = calibration(logits, data.labels, n_bins=15)
+    rel = json.loads(arts[("rn", "calibration", "noise-3", "reliability")]["data"])
+    assert rel["bin_count"] == r.bin_count.tolist() and rel["n_bins"] == 15
+    acc = [float("nan") if v is None else v for v in rel["bin_accuracy"]]
+    assert torch.allclose(torch.tensor(acc, dtype=torch.float64), r.bin_accuracy.double(), equal_nan=True)
+    t = load(arts[("rn", "rationality", "noise-3", "heatmaps")]["data"])
+    h = heatmaps(rn, data.images, data.labels, classnames=list(data.classnames))
+    k = N_ARTIFACT_IMAGES
+    assert torch.allclose(t["maps"].float(), h.maps[:k].float(), atol=1e-3)
+    assert torch.equal(t["masks"].bool(), masks_from_boxes(data.boxes.float(), (56, 56))[:k].bool())
+    assert torch.equal(t["images"], torch.as_tensor(data.images[:k]))
+    assert t["labels"].tolist() == data.labels[:k].tolist()
+    for (name, audit, sp, art), a in arts.items():
+        if art == "top_cluster":
+            g = load(a["data"])
+            assert audit == "spurious" and g["images"].shape[0] == g["boxes"].shape[0] >= 1
+
+
+def test_no_artifacts_option(tmp_path, zoo, splits):
+    db = tmp_path / "a.sqlite"
+    s = audit_fleet(_entries(zoo, ("rn",)), ["calibration"], db, splits, device="cpu", artifacts=False)
+    assert s.computed == 2
+    with AuditStore(db) as st:
+        assert st.artifacts() == [] and len(st.results("calibration")) > 0

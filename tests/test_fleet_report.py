@@ -180,7 +180,8 @@ def test_html_lists_every_model_and_metric(synthetic, report):
 
         assert settings_key(s) in prov
     assert "fp-id" in prov and "fp-sklearn-digits" in prov
-    assert "reliability diagrams" in _section(html, "notes")
+    assert "No images: the store holds no artifacts" in _section(html, "notes")  # the synthetic store has none
+    assert "No images" in _section(html, "images")
 
 
 def test_summary_is_the_mean_and_std_computed_by_hand(synthetic, report):
@@ -388,6 +389,26 @@ def test_report_of_a_real_audit_fleet_run(tmp_path):
     with AuditStore(db, readonly=True) as st:
         ece = [r["value"] for r in st.results("calibration") if r["metric"] == "ece"][0]
     assert f">{fmt(ece)}<" in _section(html, "summary-calibration")  # one model: the mean is its value
+    for rel in ("images/reliability-id.png", "images/heatmaps/rn-id.png"):
+        _png(tmp_path / "report" / rel)
+        assert f'src="{rel}"' in html and tmp_path / "report" / rel in res.files
+
+
+def test_pooled_reliability_by_hand():
+    """Bins pooled over a method's models: counts summed, accuracy / confidence count-weighted, ECE and MCE of the
+    pooled bins, ACE the mean of the models'."""
+    from vlmfast.fleet.report import _pooled_result
+
+    a = {"n_bins": 3, "bin_count": [2, 0, 2], "bin_confidence": [0.2, None, 0.9], "bin_accuracy": [0.5, None, 1.0]}
+    b = {"n_bins": 3, "bin_count": [2, 1, 0], "bin_confidence": [0.4, 0.5, None], "bin_accuracy": [0.0, 1.0, None]}
+    r = _pooled_result([a, b], [0.1, 0.3])
+    assert r.bin_count.tolist() == [4, 1, 2]
+    assert r.bin_confidence.tolist() == pytest.approx([0.3, 0.5, 0.9])
+    assert r.bin_accuracy.tolist() == pytest.approx([0.25, 1.0, 1.0])
+    gaps = [0.05, 0.5, 0.1]
+    assert float(r.ece) == pytest.approx((4 * 0.05 + 1 * 0.5 + 2 * 0.1) / 7)
+    assert float(r.mce) == pytest.approx(max(gaps)) and float(r.ace) == pytest.approx(0.2)
+    assert float(r.accuracy) == pytest.approx((4 * 0.25 + 1 + 2) / 7) and r.n_samples == 7
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

@@ -98,28 +98,36 @@ def run(args: argparse.Namespace) -> int:
     _write_plan(out / "plan.yaml")
     times: dict[str, float] = {}
 
-    with _forced(args.backend):
+    from vlmfast.cli._progress import Progress
+    from vlmfast.fleet import load_manifest
+
+    with _forced(args.backend), Progress() as prog:
+        log = prog.line
         t0 = time.perf_counter()
-        _log(f"1/3 fine-tuning {len(plan.runs)} runs into {out / 'runs'} (the base model is pretrained first "
-             "when it is not cached) ...")
-        runs = run_plan(plan, out / "runs", progress=lambda r: _log("  " + r.line()))
+        log(f"1/3 fine-tuning {len(plan.runs)} runs into {out / 'runs'} (the base model is pretrained first when it "
+            "is not cached) ...")
+        bar = prog.stage("fine-tuning", len(plan.runs))
+        runs = run_plan(plan, out / "runs", progress=lambda r: bar.advance("  " + r.line()))
         times["finetune_s"] = time.perf_counter() - t0
-        _log(f"  {runs.line()}")
+        log(f"  {runs.line()}")
 
         t0 = time.perf_counter()
         db = out / "audit.sqlite"
-        _log(f"2/3 auditing into {db} ...")
+        log(f"2/3 auditing into {db} ...")
+        manifest = out / "runs" / "manifest.yaml"
+        n_models = len(load_manifest(manifest))
         summaries = []
         for audit, splits in DEMO_AUDITS.items():
-            s = audit_fleet(out / "runs" / "manifest.yaml", [audit], db, list(splits), n=args.n, seed=0,
+            bar = prog.stage(f"audit: {audit}", n_models)
+            s = audit_fleet(manifest, [audit], db, list(splits), n=args.n, seed=0,
                             settings={a: v for a, v in DEMO_SETTINGS.items() if a == audit}, force=args.force,
-                            progress=lambda r, a=audit: _log(f"  [{a}] {r.line()}"))
-            _log(f"  {audit}: {s.line()}")
+                            progress=lambda r, a=audit, b=bar: b.advance(f"  [{a}] {r.line()}"))
+            log(f"  {audit}: {s.line()}")
             summaries.append(s)
         times["audit_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        _log(f"3/3 report into {out / 'report'} ...")
+        log(f"3/3 report into {out / 'report'} ...")
         files = write_report(db, out / "report", formats=("html", "csv"))
         times["report_s"] = time.perf_counter() - t0
 

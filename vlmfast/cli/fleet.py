@@ -8,8 +8,9 @@ SQLite store, computing only what the store does not hold yet (:func:`vlmfast.fl
 One line per model on stdout as it finishes (what was computed, skipped or failed and why), then the summary line
 (models done / skipped / failed with reasons, results computed / reused). Exit status 0, or 1 when a model or an
 audit failed (the failure is in the store's ``failures`` table and the others finished); user errors (a bad
-option, an invalid manifest, a store of a newer schema) are one line on stderr and exit 2. ``--no-progress`` turns
-off the audits' progress bars (stderr). ``--csv`` exports every stored result after the run.
+option, an invalid manifest, a store of a newer schema) are one line on stderr and exit 2. On a terminal a rich
+progress bar of the models runs under those lines (elapsed, remaining); elsewhere the audits' batch bars go to
+stderr. ``--no-progress`` turns both off. ``--csv`` exports every stored result after the run.
 
 Without ``--manifest`` the ``audit`` command needs one of its subcommands (``rationality``, ``spurious``); with
 it, none.
@@ -111,19 +112,26 @@ def run(args: argparse.Namespace) -> int:
     from vlmfast.fleet import load_manifest
 
     entries = load_manifest(manifest)  # validated before the store or any split is touched
-    with AuditStore(db) as store:
+    from vlmfast.cli._progress import Progress
+
+    with AuditStore(db) as store, Progress(enabled=False if args.fleet_no_progress else None) as prog:
+        bar = prog.stage("models", len(entries))
+
+        def tick(r):
+            bar.advance(r.line())
+
         if args.fleet_ray is not None:
             from vlmfast.fleet import audit_fleet_ray
 
             summary = audit_fleet_ray(entries, audits, store, splits,
                                       address=None if args.fleet_ray == "local" else args.fleet_ray,
                                       num_cpus=args.fleet_ray_cpus, n=args.fleet_n, seed=args.fleet_seed,
-                                      force=args.fleet_force, progress=lambda r: print(r.line(), flush=True),
+                                      force=args.fleet_force, progress=tick,
                                       device=args.fleet_device, batch_size=args.fleet_batch_size)
         else:
             summary = audit_fleet(entries, audits, store, splits, n=args.fleet_n, seed=args.fleet_seed,
-                                  force=args.fleet_force, progress=lambda r: print(r.line(), flush=True),
-                                  bars=not args.fleet_no_progress, device=args.fleet_device,
+                                  force=args.fleet_force, progress=tick,
+                                  bars=not args.fleet_no_progress and not prog.bars, device=args.fleet_device,
                                   batch_size=args.fleet_batch_size)
         if csv_path is not None:
             store.export_csv(csv_path)

@@ -42,8 +42,13 @@ def run_plan_cli(args: argparse.Namespace) -> int:
             if o not in known:
                 raise ValueError(f"--only: expected run ids or entry names of the plan, got {o!r} (entries: "
                                  f"{sorted({r.entry for r in plan.runs})})")
-    summary = run_plan(plan, args.out, progress=lambda r: print(r.line(), flush=True), only=only,
-                       bars=not args.no_progress, device=args.device)
+    from vlmfast.cli._progress import Progress
+
+    n = len(plan.runs) if only is None else None
+    with Progress(enabled=False if args.no_progress else None) as prog:
+        bar = prog.stage("fine-tuning", n)
+        summary = run_plan(plan, args.out, progress=lambda r: bar.advance(r.line()), only=only,
+                           bars=not args.no_progress and not prog.bars, device=args.device)
     print(f"summary: {summary.line()}")
     return 1 if summary.failed else 0
 

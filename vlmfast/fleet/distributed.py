@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from vlmfast._optional import require
 from vlmfast.fleet.manifest import ManifestEntry, load_entry, load_manifest
 from vlmfast.fleet.runner import (AUDITS, DEFAULT_SPLITS, FleetSummary, ModelReport, RunOptions, _error_text,
-                                  _prepare, build_splits, check_audits)
+                                  _prepare, build_splits, check_audits, split_output)
 from vlmfast.fleet.store import AuditStore
 
 __all__ = ["audit_fleet_ray"]
@@ -33,8 +33,8 @@ __all__ = ["audit_fleet_ray"]
 
 def _run_units(entry: ManifestEntry, todo: list[tuple[str, str]], splits: Mapping[str, Any],
                resolved: Mapping[str, Mapping[str, Any]], options: RunOptions, device: Any) -> list[tuple]:
-    """The task body: ``[(audit, split, rows or None, seconds, error or None)]``; a load failure is one
-    ``("load", None, None, 0, error)`` entry."""
+    """The task body: ``[(audit, split, (rows, artifacts) or None, seconds, error or None)]``; a load failure is
+    one ``("load", None, None, 0, error)`` entry."""
     try:
         loaded = load_entry(entry, device=device, progress=False)
     except Exception as e:  # recorded by the driver
@@ -45,8 +45,8 @@ def _run_units(entry: ManifestEntry, todo: list[tuple[str, str]], splits: Mappin
         target = loaded.clip if spec.target == "clip" else loaded.audited
         t0 = time.perf_counter()
         try:
-            rows = [tuple(r) for r in spec.fn(target, splits[name], resolved[a], options)]
-            out.append((a, name, rows, time.perf_counter() - t0, None))
+            out.append((a, name, split_output(spec.fn(target, splits[name], resolved[a], options)),
+                        time.perf_counter() - t0, None))
         except Exception as e:
             out.append((a, name, None, time.perf_counter() - t0, _error_text(e)))
     return out
@@ -68,6 +68,7 @@ def audit_fleet_ray(
     device: Any = None,
     batch_size: int = 64,
     cpus_per_task: int = 1,
+    artifacts: bool = True,
 ) -> FleetSummary:
     """:func:`vlmfast.fleet.audit_fleet` with one Ray task per model (module docs). ``address``: a Ray cluster to
     join (None: start a local one with ``num_cpus``; a cluster this process already joined is reused).
@@ -90,7 +91,7 @@ def audit_fleet_ray(
             summary.notes.append(f"{a}: applies to none of the splits {list(split_map)} (skipped)")
     report = (progress if callable(progress) else
               (lambda r: print(r.line(), flush=True)) if progress else (lambda r: None))
-    options = RunOptions(batch_size=batch_size, progress=False)
+    options = RunOptions(batch_size=batch_size, progress=False, artifacts=bool(artifacts))
     store = db if isinstance(db, AuditStore) else AuditStore(db)
     started_here = False
     try:
@@ -150,17 +151,19 @@ def audit_fleet_ray(
                 results = ray.get(ready[0])
             except Exception as e:  # the task itself died (worker crash)
                 results = [("load", None, None, 0.0, _error_text(e))]
-            for a, name, rows, secs, err in results:
+            for a, name, output, secs, err in results:
                 if err is not None:
                     fail(rep, key, a, err, entry)
                     continue
+                rows, arts = output
                 s = split_map[name]
                 try:
                     bad = [r for r in rows if len(r) != 3 or r[0] != s.name]
                     if bad:
                         raise ValueError(f"audit {a!r}: expected rows (split, metric, value) of split {s.name!r}, "
                                          f"got {bad[0]!r:.80}")
-                    store.write(key, a, s.fingerprint, resolved[a], rows, seconds=secs, split_info={s.name: s.info})
+                    store.write(key, a, s.fingerprint, resolved[a], rows, seconds=secs, split_info={s.name: s.info},
+                                artifacts=arts)
                 except Exception as e:
                     fail(rep, key, a, _error_text(e), entry)
                     continue

@@ -33,9 +33,13 @@ CSV / Parquet exports (``vlmfast report audit.sqlite --out report/``).
   group (seeds, or distinct models of a method): for each key metric (:data:`KEY_METRICS`) the mean and the
   sample standard deviation (``n - 1``; ``—`` for a single value) of the values that are not NaN, with ``(k/n)``
   when only ``k`` of the group's ``n`` models have a value.
-* *Not in the report*: reliability diagrams (the store keeps scalar metrics, not the per-bin statistics they
-  need), heatmap overlays and spurious-cluster galleries (the fleet runner records no image paths). The page says
-  so; ``vlmfast calibration --plot`` and ``vlmfast audit rationality|spurious`` draw them for single models.
+* *Images* (with ``html`` and matplotlib), from the store's artifacts (schema version 2; :mod:`vlmfast.fleet.runner`
+  writes them with each unit): ``images/reliability-<split>.png`` — one panel per method, its current models'
+  reliability bins pooled (counts summed, per-bin accuracy and confidence count-weighted; ECE / MCE of the pooled
+  bins, ACE the models' mean); ``images/heatmaps/<model>-<split>.png`` — the rationality audit's heatmaps of the
+  split's first images over them, digit box outlined (one per current model: its ``id`` split when it has one);
+  ``images/spurious/<model>-<split>.png`` — the top spurious cluster's regions. A store without artifacts (audited
+  with ``artifacts=False`` or before version 2) gets a note instead.
 
 The store is opened read-only (``AuditStore(db, readonly=True)``): a missing file is a ``FileNotFoundError``, not
 a new empty store, and the report never writes into it.
@@ -129,6 +133,7 @@ class Fleet:
     settings: dict[str, dict[str, Any]]
     datasets: list[dict[str, Any]]
     done: list[dict[str, Any]]
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
 
     def model(self, key: str) -> ModelInfo:
         """The :class:`ModelInfo` of ``key`` (one made up from the key for a key without a ``models`` row)."""
@@ -198,7 +203,8 @@ def load_fleet(db: str | os.PathLike | AuditStore) -> Fleet:
             "SELECT settings_key, audit, settings FROM settings ORDER BY audit, settings_key").fetchall()}
         datasets = [{"data_fp": fp, "split": sp, "info": json.loads(info)} for fp, sp, info in store.db.execute(
             "SELECT data_fp, split, info FROM datasets ORDER BY split, data_fp").fetchall()]
-        return Fleet(store.path, store.meta(), models, results, store.failures(), settings, datasets, store.done())
+        return Fleet(store.path, store.meta(), models, results, store.failures(), settings, datasets, store.done(),
+                     store.artifacts())
     finally:
         if owned:
             store.close()
@@ -577,20 +583,202 @@ def _plots(fleet: Fleet, out: Path, plots: bool | None, notes: list[str]) -> lis
     return written
 
 
+# ------------------------------------------------------------------------------------------------ images
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)[:80] or "_"
+
+
+def _current_artifacts(fleet: Fleet, audit: str, name: str) -> list[dict[str, Any]]:
+    """The current models' artifacts ``name`` of ``audit``, in the store's model order, then split."""
+    order = {k: i for i, k in enumerate(fleet.models)}
+    arts = [a for a in fleet.artifacts if a["audit"] == audit and a["name"] == name
+            and fleet.model(a["model_key"]).current]
+    return sorted(arts, key=lambda a: (order.get(a["model_key"], len(order)), a["split"], a["data_fp"]))
+
+
+def _pooled_result(members: list[dict[str, Any]], aces: list[float]) -> Any:
+    """A one-model CalibrationResult of reliability bins pooled over ``members`` (counts summed, per-bin accuracy
+    and confidence count-weighted); ECE / MCE from the pooled bins, ACE the mean of the models' ``aces``."""
+    import torch
+
+    from vlmfast.metrics import CalibrationResult
+
+    cnt = torch.stack([torch.tensor(m["bin_count"], dtype=torch.float64) for m in members]).sum(0)
+
+    def pooled(key: str) -> Any:
+        vals = torch.stack([torch.tensor([float("nan") if v is None else v for v in m[key]], dtype=torch.float64)
+                            for m in members])
+        w = torch.stack([torch.tensor(m["bin_count"], dtype=torch.float64) for m in members])
+        tot = (torch.nan_to_num(vals) * w).sum(0)
+        return torch.where(cnt > 0, tot / cnt.clamp_min(1), torch.full_like(cnt, float("nan")))
+
+    conf, acc = pooled("bin_confidence"), pooled("bin_accuracy")
+    n = float(cnt.sum())
+    gap = torch.where(cnt > 0, (acc - conf).abs(), torch.zeros_like(cnt))
+    ece = float((gap * cnt).sum() / max(n, 1))
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    finite = [a for a in aces if not math.isnan(a)]
+    return CalibrationResult(
+        ece=torch.tensor(ece), ace=torch.tensor(statistics.fmean(finite) if finite else float("nan")),
+        mce=torch.tensor(float(gap.max()) if n else float("nan")), mce_weighted=nan, rmsce=nan, nll=nan, brier=nan,
+        accuracy=torch.tensor(float(torch.nan_to_num(acc) @ cnt) / max(n, 1)), confidence=nan,
+        bin_count=cnt, bin_confidence=conf, bin_accuracy=acc, n_bins=int(members[0]["n_bins"]), n_samples=int(n),
+        binning=members[0].get("binning", "width"), convention=members[0].get("convention", "standard"))
+
+
+def _group_label(fleet: Fleet, key: str) -> str:
+    """A model's method, with the strength of its planted feature when it was trained with one."""
+    info = fleet.model(key)
+    s = info.meta.get("strength")
+    ok = isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0
+    return (info.method or NO_METHOD) + (f", strength {s:g}" if ok else "")
+
+
+def _reliability_images(fleet: Fleet, out: Path) -> list[tuple[str, str]]:
+    from vlmfast.plot import reliability_diagram
+
+    aces = {(r["model_key"], r["split"]): r["value"] for r in fleet.results["calibration"] if r["metric"] == "ace"}
+    by_split: dict[str, dict[str, list[tuple[str, dict[str, Any]]]]] = {}
+    for a in _current_artifacts(fleet, "calibration", "reliability"):
+        data = json.loads(a["data"])
+        by_split.setdefault(a["split"], {}).setdefault(_group_label(fleet, a["model_key"]), []).append(
+            (a["model_key"], data))
+    written = []
+    for split, methods in sorted(by_split.items()):
+        names, results = [], []
+        for method, members in methods.items():
+            if len({m["n_bins"] for _, m in members}) != 1:
+                continue  # different bin counts (settings) cannot be pooled
+            names.append(f"{method} ({len(members)} model{'s' if len(members) > 1 else ''})")
+            results.append(_pooled_result([m for _, m in members],
+                                          [aces.get((k, split), float("nan")) for k, _ in members]))
+        if not results:
+            continue
+        import torch
+
+        from vlmfast.metrics import CalibrationResult
+
+        stack = {f: torch.stack([getattr(r, f) for r in results]) for f in (
+            "ece", "ace", "mce", "mce_weighted", "rmsce", "nll", "brier", "accuracy", "confidence", "bin_count",
+            "bin_confidence", "bin_accuracy")}
+        res = CalibrationResult(**stack, n_bins=results[0].n_bins, n_samples=max(r.n_samples for r in results),
+                                binning=results[0].binning, convention=results[0].convention)
+        rel = f"images/reliability-{_slug(split)}.png"
+        reliability_diagram(res, out / rel, names, max_models=len(names),
+                            title=f"Reliability per method, split {split} (bins pooled over the method's models)")
+        written.append((rel, f"Reliability diagrams on {split}: one panel per method (and strength of the planted "
+                             "feature), bins pooled over its current models (ECE and MCE of the pooled bins, ACE "
+                             "the models' mean)."))
+    return written
+
+
+def _tensors(blob: bytes) -> dict[str, Any]:
+    from safetensors.torch import load
+
+    return load(blob)
+
+
+def _heatmap_images(fleet: Fleet, out: Path) -> list[tuple[str, str, str]]:
+    """One overlay grid per current model (its ``id`` split when it has one, else its first): ``[(path, caption,
+    method)]``."""
+    from vlmfast.plot import heatmap_overlays
+
+    seen: dict[str, dict[str, Any]] = {}
+    for a in _current_artifacts(fleet, "rationality", "heatmaps"):
+        if a["model_key"] not in seen or a["split"] == "id":
+            seen[a["model_key"]] = a
+    written = []
+    for key, a in seen.items():
+        info = fleet.model(key)
+        t = _tensors(a["data"])
+        titles = [f"{int(y)} {'correct' if c else 'wrong'}" for y, c in zip(t["labels"].tolist(),
+                                                                           t["correct"].tolist())]
+        rel = f"images/heatmaps/{_slug(info.label)}-{_slug(a['split'])}.png"
+        heatmap_overlays(t["images"], t["maps"].float(), t["masks"].bool(), out / rel, titles, ncols=8,
+                         title=f"{info.label} ({info.method or NO_METHOD}) on {a['split']}: heatmaps, digit box "
+                               "outlined")
+        written.append((rel, f"{info.label} on {a['split']}", info.method or NO_METHOD))
+    return written
+
+
+def _gallery_images(fleet: Fleet, out: Path) -> list[tuple[str, str, str]]:
+    from vlmfast.data import CLASSNAMES
+    from vlmfast.plot import region_gallery
+
+    written = []
+    for a in _current_artifacts(fleet, "spurious", "top_cluster"):
+        info = fleet.model(a["model_key"])
+        t = _tensors(a["data"])
+        attr = int(t["attribute"][0])
+        name = CLASSNAMES[attr] if 0 <= attr < len(CLASSNAMES) else "?"
+        titles = ["red square" if s else "no square" for s in t["is_spurious"].tolist()]
+        rel = f"images/spurious/{_slug(info.label)}-{_slug(a['split'])}.png"
+        region_gallery(t["images"], t["boxes"], out / rel, titles, ncols=10,
+                       title=f"{info.label} ({info.method or NO_METHOD}): top cluster's regions, attribute {name!r}")
+        share = float(t["is_spurious"].float().mean())
+        written.append((rel, f"{info.label} on {a['split']}: attribute {name!r}, {100 * share:.0f} % of the shown "
+                             "regions are the red square", info.method or NO_METHOD))
+    return written
+
+
+def _images(fleet: Fleet, out: Path, plots: bool | None, notes: list[str]) -> dict[str, list]:
+    """The report's images from the store's artifacts (matplotlib as for the plots)."""
+    if plots is False or not fleet.artifacts:
+        if not fleet.artifacts:
+            notes.append("No images: the store holds no artifacts (audits run with artifacts=False, or a store "
+                         "written before schema version 2).")
+        return {}
+    if plots is None:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            return {}
+    return {"reliability": _reliability_images(fleet, out), "heatmaps": _heatmap_images(fleet, out),
+            "spurious": _gallery_images(fleet, out)}
+
+
+def _images_section(images: Mapping[str, list]) -> str:
+    if not any(images.values()):
+        return '<p class="empty">No images (see the notes).</p>'
+
+    def fig(p: str, c: str) -> str:
+        return (f'<figure><a href="{_e(p)}"><img src="{_e(p)}" alt="{_e(c)}" loading="lazy"></a>'
+                f"<figcaption>{_e(c)}</figcaption></figure>")
+
+    parts = []
+    if images.get("reliability"):
+        parts.append('<h3 id="images-reliability">Reliability diagrams</h3>'
+                     + "".join(fig(p, c) for p, c in images["reliability"]))
+    for key, head in (("heatmaps", "Heatmap overlays (rationality audit: the first images of the split)"),
+                      ("spurious", "Spurious-cluster galleries (the top cluster's regions)")):
+        if not images.get(key):
+            continue
+        by_method: dict[str, list[tuple[str, str]]] = {}
+        for p, c, m in images[key]:
+            by_method.setdefault(m, []).append((p, c))
+        parts.append(f'<h3 id="images-{key}">{_e(head)}</h3>' + "".join(
+            f"<details><summary>{_e(m)} ({len(v)})</summary>" + "".join(fig(p, c) for p, c in v) + "</details>"
+            for m, v in by_method.items()))
+    return "".join(parts)
+
+
 # ------------------------------------------------------------------------------------------------ the page
 
 
 def render_html(fleet: Fleet, plots: Sequence[tuple[str, str]] = (), notes: Sequence[str] = (), *,
-                title: str = "vlmfast fleet report") -> str:
-    """The report page (module docs) of ``fleet`` with the written ``plots`` (``[(relative path, caption)]``) and
-    ``notes``."""
+                title: str = "vlmfast fleet report", images: Mapping[str, list] | None = None) -> str:
+    """The report page (module docs) of ``fleet`` with the written ``plots`` (``[(relative path, caption)]``),
+    ``images`` (:func:`_images`) and ``notes``."""
     generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     n_results = sum(len(v) for v in fleet.results.values())
     audits = [a for a in AUDIT_TABLES if fleet.results[a]]
     from vlmfast.fleet.findings import check_findings
 
     findings = check_findings(fleet)
-    nav = [("findings", "Findings"), ("summary", "Summary"), ("plots", "Plots")] + [(f"audit-{a}", a) for a in audits] + [
+    nav = [("findings", "Findings"), ("summary", "Summary"), ("plots", "Plots"), ("images", "Images")]
+    nav += [(f"audit-{a}", a) for a in audits] + [
         ("models", "Models"), ("failures", f"Failures ({len(fleet.failures)})"), ("provenance", "Provenance"),
         ("notes", "Notes")]
     body = [f"<h1>{_e(title)}</h1>",
@@ -606,6 +794,7 @@ def render_html(fleet: Fleet, plots: Sequence[tuple[str, str]] = (), notes: Sequ
                             f"<figcaption>{_e(c)}</figcaption></figure>" for p, c in plots))
     else:
         body.append('<p class="empty">No plots (see the notes).</p>')
+    body += ['<h2 id="images">Images</h2>', _images_section(images or {})]
     for a in audits:
         body += [f'<h2 id="audit-{a}">{_e(a)}</h2>', _audit_section(fleet, a)]
     body += ['<h2 id="models">Models</h2>', _models_section(fleet),
@@ -740,13 +929,11 @@ def write_report(db: str | os.PathLike | AuditStore, out: str | os.PathLike, *,
         return result
     written = _plots(fleet, out, plots, result.notes)
     result.files += [out / p for p, _ in written]
+    images = _images(fleet, out, plots, result.notes)
+    result.files += [out / p for v in images.values() for p, *_ in v]
     result.notes += [
-        "No reliability diagrams: the store keeps each model's scalar calibration metrics, not the per-bin accuracy "
-        "/ confidence / counts a diagram needs (vlmfast calibration --plot draws one from saved logits).",
-        "No heatmap overlays or spurious-cluster galleries: the fleet runner records no image paths in the store "
-        "(vlmfast audit rationality / vlmfast audit spurious write them for chosen models).",
-        "Superseded models (an older key of a name that was retrained) are in the tables, not in the summary or "
-        "the plots."]
+        "Superseded models (an older key of a name that was retrained) are in the tables, not in the summary, the "
+        "plots or the images."]
     from vlmfast._cache import atomic_target
     from vlmfast.fleet.findings import check_findings
 
@@ -757,7 +944,7 @@ def write_report(db: str | os.PathLike | AuditStore, out: str | os.PathLike, *,
     result.files.append(findings_path)
     index = out / "index.html"
     with atomic_target(index) as tmp:
-        tmp.write_text(render_html(fleet, written, result.notes, title=title), encoding="utf-8")
+        tmp.write_text(render_html(fleet, written, result.notes, title=title, images=images), encoding="utf-8")
     result.index = index
     result.files.append(index)
     return result

@@ -50,6 +50,7 @@ mapping name -> dataset.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import math
 import os
 import re
 import sys
@@ -60,7 +61,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from vlmfast.fleet.manifest import LoadedModel, ManifestEntry, load_entry, load_manifest, model_key
 from vlmfast.fleet.store import AUDIT_TABLES, AuditStore, data_fingerprint, settings_key
 
-__all__ = ["AUDITS", "DEFAULT_SPLITS", "Audit", "FleetSummary", "ModelReport", "RunOptions", "Split",
+__all__ = ["AUDITS", "DEFAULT_SPLITS", "Audit", "AuditOutput", "FleetSummary", "ModelReport", "RunOptions", "Split",
            "audit_fleet", "build_splits", "resolve_settings"]
 
 #: The default evaluation splits: the in-distribution test composites and a real domain shift.
@@ -86,6 +87,58 @@ class RunOptions:
 
     batch_size: int = 64
     progress: bool = False
+    artifacts: bool = True  # what the report draws: reliability bins, a few heatmaps, the top cluster's regions
+
+
+@dataclass
+class AuditOutput:
+    """What an audit function may return instead of bare rows: the ``rows`` and the unit's ``artifacts``
+    ``[(split, name, kind, bytes)]`` (:meth:`vlmfast.fleet.AuditStore.write`)."""
+
+    rows: list[tuple[str, str, Any]]
+    artifacts: list[tuple[str, str, str, bytes]] = field(default_factory=list)
+
+
+def split_output(out: Any) -> tuple[list[tuple[str, str, Any]], list[tuple[str, str, str, bytes]]]:
+    """``(rows, artifacts)`` of an audit function's return value (an :class:`AuditOutput` or an iterable of rows)."""
+    if isinstance(out, AuditOutput):
+        return [tuple(r) for r in out.rows], list(out.artifacts)
+    return [tuple(r) for r in out], []
+
+
+#: How many images a unit keeps for the report: heatmap overlays (rationality), regions of the top cluster (spurious).
+N_ARTIFACT_IMAGES = 8
+N_GALLERY_REGIONS = 10
+
+
+def _json_bytes(obj: Any) -> bytes:
+    import json
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps({k: clean(v) for k, v in obj.items()}, allow_nan=False, sort_keys=True).encode()
+
+
+def _tensor_bytes(tensors: Mapping[str, Any]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+
+def reliability_artifact(split: str, r: Any, m: int | None = None) -> tuple[str, str, str, bytes]:
+    """The ``reliability`` artifact of a :class:`~vlmfast.metrics.CalibrationResult` (model ``m`` of several): its
+    per-bin counts, mean confidence and accuracy (NaN for empty bins as null)."""
+    pick = (lambda t: t) if m is None else (lambda t: t[m])
+    return (split, "reliability", "json", _json_bytes({
+        "n_bins": int(r.n_bins), "binning": r.binning, "convention": r.convention,
+        "bin_count": [float(x) for x in pick(r.bin_count).double().tolist()],
+        "bin_confidence": [float(x) for x in pick(r.bin_confidence).double().tolist()],
+        "bin_accuracy": [float(x) for x in pick(r.bin_accuracy).double().tolist()]}))
 
 
 @dataclass(frozen=True)
@@ -146,7 +199,7 @@ def calibration_audit(target: Any, split: Split, settings: Mapping[str, Any],
         rows.append((split.name, "worst_group_accuracy", worst_group_accuracy(logits, labels, data.has_spurious)))
     if isinstance(target, PromptLearner) and not target.csc:
         rows.extend(_base_to_new_rows(target, data, feats, split.name, int(settings["n_bins"])))
-    return rows
+    return AuditOutput(rows, [reliability_artifact(split.name, r)] if opts.artifacts else [])
 
 
 def worst_group_accuracy(logits: Any, labels: Any, has_spurious: Any) -> float:
@@ -229,7 +282,17 @@ def rationality_audit(target: Any, split: Split, settings: Mapping[str, Any],
     out = [(split.name, "accuracy", float(h.correct.float().mean()))]
     for m in ("pt", "ir", "mean_rma_correct", "RR", "RW", "WR", "WW", "n_constant", "n"):
         out.append((split.name, m, _num(d[m])))
-    return out
+    arts = []
+    if opts.artifacts:
+        import torch
+
+        k = min(N_ARTIFACT_IMAGES, int(h.maps.shape[0]))
+        imgs = torch.as_tensor(data.images[:k])
+        arts.append((split.name, "heatmaps", "safetensors", _tensor_bytes({
+            "images": imgs if imgs.dtype == torch.uint8 else (imgs.float().clamp(0, 1) * 255).round().to(torch.uint8),
+            "maps": h.maps[:k].float().clamp(0, 1).half(), "masks": masks[:k].bool().to(torch.uint8),
+            "labels": torch.as_tensor(data.labels[:k]).long(), "correct": h.correct[:k].to(torch.uint8)})))
+    return AuditOutput(out, arts)
 
 
 def spurious_audit(target: Any, split: Split, settings: Mapping[str, Any],
@@ -250,11 +313,22 @@ def spurious_audit(target: Any, split: Split, settings: Mapping[str, Any],
     truth = (torch.as_tensor(data.region_labels) == REGION_SPURIOUS).reshape(-1).numpy()
     top = res.top
     nan = float("nan")
-    return [(split.name, m, _num(v)) for m, v in (
+    arts = []
+    if opts.artifacts and top is not None and top.regions:
+        n_reg = int(torch.as_tensor(data.region_labels).shape[1])
+        ids = torch.as_tensor(list(top.regions[:N_GALLERY_REGIONS])).long()
+        img, q = ids // n_reg, ids % n_reg
+        imgs = torch.as_tensor(data.images)[img]
+        arts.append((split.name, "top_cluster", "safetensors", _tensor_bytes({
+            "images": imgs if imgs.dtype == torch.uint8 else (imgs.float().clamp(0, 1) * 255).round().to(torch.uint8),
+            "boxes": torch.as_tensor(data.region_boxes).float()[img, q],
+            "is_spurious": torch.as_tensor(truth[ids.numpy()]).to(torch.uint8),
+            "attribute": torch.tensor([-1 if top.attribute is None else int(top.attribute)])})))
+    return AuditOutput([(split.name, m, _num(v)) for m, v in (
         ("k", res.k), ("silhouette", res.silhouette), ("found", float(res.found)), ("n_clusters", len(res.clusters)),
         ("top_gap", top.gap if top else nan), ("top_influence", top.influence if top else nan),
         ("top_square_fraction", float(truth[top.regions].mean()) if top and top.regions else nan),
-        ("precision_at_10", precision_at_k(res, truth, 10) if top else nan))]
+        ("precision_at_10", precision_at_k(res, truth, 10) if top else nan))], arts)
 
 
 def _spurious_split(split: Split) -> bool:
@@ -429,12 +503,14 @@ def _worst_group_many(xn: Any, wn: Any, scale: Any, labels: Any, present: Any, c
 
 
 def grouped_calibration_rows(feats: Any, heads: Any, scale: Any, data: Any, trained: Sequence[Sequence[str]],
-                             settings: Mapping[str, Any], split: str) -> list[list[tuple[str, str, float]]]:
+                             settings: Mapping[str, Any], split: str
+                             ) -> tuple[list[list[tuple[str, str, float]]], Any]:
     """The calibration audit's rows for M prompt heads on one backbone at once: ``feats`` (N, D) the split's image
     features, ``heads`` (M, C, D) each learner's class text features for the split's class names, ``scale`` the
     backbone's logit multiplier, ``trained[m]`` the class names learner m was trained on (its base classes). The
     logits never exist for all heads at once (:func:`vlmfast.metrics.calibration_from_features`); the rows equal
-    :func:`calibration_audit`'s for each learner, to float32 rounding of the GEMM."""
+    :func:`calibration_audit`'s for each learner, to float32 rounding of the GEMM. Returns ``(rows per head, the
+    CalibrationResult of all heads)`` (its bins are the heads' reliability artifacts)."""
     import torch
 
     from vlmfast.metrics import calibration_from_features
@@ -487,7 +563,7 @@ def grouped_calibration_rows(feats: Any, heads: Any, scale: Any, data: Any, trai
             b, nw = v["base_accuracy"], v["new_accuracy"]
             v["H"] = 2 * b * nw / (b + nw) if b + nw > 0 else 0.0
             rows[m].extend((split, k, v[k]) for k in BASE_NEW_METRICS)
-    return rows
+    return rows, r
 
 
 # ------------------------------------------------------------------------------------------------- the runner
@@ -608,6 +684,7 @@ def audit_fleet(
     batch_size: int = 64,
     prefetch: bool = True,
     group_prompts: bool = True,
+    artifacts: bool = True,
 ) -> FleetSummary:
     """Audit every model of ``manifest`` (a ``manifest.yaml`` path or loaded entries) with ``audits`` on
     ``splits`` into the store ``db`` (a path or an open :class:`AuditStore`), skipping every unit the store
@@ -620,6 +697,8 @@ def audit_fleet(
     background thread while the current one computes. ``group_prompts``: audit the prompt learners (not CoCoOp)
     that share a backbone together — the backbone loaded and each split encoded once, every head's calibration in
     one pass (:func:`grouped_calibration_rows`); the numbers equal the one-by-one path's to float32 rounding.
+    ``artifacts``: store with each unit what the report draws (reliability bins, the first heatmaps, the top
+    cluster's regions; :class:`AuditOutput`); not part of any key.
     """
     t_start = time.perf_counter()
     audits, resolved, skeys = check_audits(audits, settings)
@@ -640,7 +719,7 @@ def audit_fleet(
         if not ss:
             summary.notes.append(f"{a}: applies to none of the splits {list(split_map)} (skipped)")
     report = _report_fn(progress)
-    options = RunOptions(batch_size=batch_size, progress=bool(bars))
+    options = RunOptions(batch_size=batch_size, progress=bool(bars), artifacts=bool(artifacts))
     store = db if isinstance(db, AuditStore) else AuditStore(db)
     executor = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmfast-fleet-load") if prefetch else None
 
@@ -742,19 +821,21 @@ def audit_fleet(
                     feats[sp.name] = encode_images(backbone, sp.data, batch_size=max(batch_size, 1)).float().cpu()
                 scale = backbone.logit_scale.detach().float().exp().cpu() if getattr(
                     backbone, "logit_scale", None) is not None else torch.tensor(100.0)
-                rows = grouped_calibration_rows(feats[sp.name], torch.stack([heads[j][sp.name] for j in members_j]),
-                                                scale, sp.data, [trained[j] for j in members_j],
-                                                resolved["calibration"], sp.name)
+                stacked = torch.stack([heads[j][sp.name] for j in members_j])
+                rows, res = grouped_calibration_rows(feats[sp.name], stacked, scale, sp.data,
+                                                     [trained[j] for j in members_j], resolved["calibration"],
+                                                     sp.name)
             except Exception as e:
                 for j in members_j:
                     entry, key, rep, _ = work[j]
                     fail(rep, key, "calibration", e, entry)
                 continue
             per = (time.perf_counter() - t_unit) / len(members_j)
-            for j, r in zip(members_j, rows):
+            for m, (j, r) in enumerate(zip(members_j, rows)):
                 entry, key, rep, _ = work[j]
                 store.write(key, "calibration", sp.fingerprint, resolved["calibration"], r, seconds=per,
-                            split_info={sp.name: sp.info})
+                            split_info={sp.name: sp.info},
+                            artifacts=[reliability_artifact(sp.name, res, m)] if options.artifacts else None)
                 rep.computed.append(("calibration", sp.name))
                 summary.computed += 1
         total = time.perf_counter() - t0
@@ -821,13 +902,13 @@ def audit_fleet(
                 target = loaded.clip if spec.target == "clip" else loaded.audited
                 t_unit = time.perf_counter()
                 try:
-                    rows = list(spec.fn(target, s, resolved[a], options))
+                    rows, arts = split_output(spec.fn(target, s, resolved[a], options))
                     bad = [r for r in rows if not isinstance(r, (tuple, list)) or len(r) != 3 or r[0] != s.name]
                     if bad:
                         raise ValueError(f"audit {a!r}: expected rows (split, metric, value) of split {s.name!r}, "
                                          f"got {bad[0]!r:.80}")
                     store.write(key, a, s.fingerprint, resolved[a], rows, seconds=time.perf_counter() - t_unit,
-                                split_info={s.name: s.info})
+                                split_info={s.name: s.info}, artifacts=arts)
                 except Exception as e:
                     fail(rep, key, a, e, entry)
                     continue

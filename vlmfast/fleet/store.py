@@ -25,6 +25,10 @@ writes into, keyed so that a re-run computes only what changed.
 ``datasets``       ``data_fp`` (PK), ``split``, ``info`` (JSON): what each fingerprint stands for
 ``failures``       ``id``, ``model_key`` (NULL when the model could not even be hashed), ``name``, ``path``,
                    ``audit`` (``"load"`` when the model did not load), ``error``, ``at`` — a log, newest last
+``artifacts``      (version 2) ``model_key``, ``audit``, ``data_fp``, ``settings_key``, ``split``, ``name``,
+                   ``kind`` (``"json"`` or ``"safetensors"``: tensors, never a pickle), ``data`` BLOB: what the report
+                   draws from (a unit's reliability bins, heatmaps of a few images, a spurious cluster's regions);
+                   written in the unit's transaction, replaced with its rows
 =================  ==============================================================================================
 
 **Atomicity.** :meth:`AuditStore.write` inserts every row of a unit *and* its ``done`` marker in one transaction:
@@ -49,13 +53,16 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-__all__ = ["AUDIT_TABLES", "MIGRATIONS", "SCHEMA_VERSION", "AuditStore", "SchemaVersionError", "data_fingerprint",
-           "settings_key"]
+__all__ = ["ARTIFACT_KINDS", "AUDIT_TABLES", "MIGRATIONS", "SCHEMA_VERSION", "AuditStore", "SchemaVersionError",
+           "data_fingerprint", "settings_key"]
 
 #: The audits that have a results table (one table each, named like the audit).
 AUDIT_TABLES = ("calibration", "rationality", "spurious")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: The kinds of an artifact's ``data``.
+ARTIFACT_KINDS = ("json", "safetensors")
 
 
 def _results_table(name: str) -> str:
@@ -79,6 +86,11 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE TABLE datasets (data_fp TEXT PRIMARY KEY, split TEXT NOT NULL, info TEXT NOT NULL)",
         "CREATE TABLE failures (id INTEGER PRIMARY KEY AUTOINCREMENT, model_key TEXT, name TEXT, path TEXT, "
         "audit TEXT NOT NULL, error TEXT NOT NULL, at REAL NOT NULL)",
+    ),
+    2: (
+        "CREATE TABLE artifacts (model_key TEXT NOT NULL, audit TEXT NOT NULL, data_fp TEXT NOT NULL, "
+        "settings_key TEXT NOT NULL, split TEXT NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL, data BLOB NOT NULL, "
+        "PRIMARY KEY (model_key, audit, data_fp, settings_key, name))",
     ),
 }
 
@@ -319,14 +331,16 @@ class AuditStore:
 
     def write(self, model_key: str, audit: str, data_fp: str, settings: Mapping[str, Any],
               rows: Iterable[tuple[str, str, Any]], *, seconds: float | None = None,
-              split_info: Mapping[str, Mapping[str, Any]] | None = None) -> int:
+              split_info: Mapping[str, Mapping[str, Any]] | None = None,
+              artifacts: Iterable[tuple[str, str, str, bytes]] | None = None) -> int:
         """Commit one unit of work: every ``(split, metric, value)`` of ``rows`` into the audit's table and the
         ``done`` marker, in ONE transaction (an exception while rows are read or written rolls all of it back).
 
         Rows of the same unit already in the table are replaced (``--force``). ``value``: a number (bools, numpy
         and torch scalars accepted); NaN is stored as NULL. ``seconds``: the compute time recorded in ``done``.
-        ``split_info``: split name -> JSON description, recorded in ``datasets`` under ``data_fp``. Returns the
-        number of rows written."""
+        ``split_info``: split name -> JSON description, recorded in ``datasets`` under ``data_fp``. ``artifacts``:
+        ``(split, name, kind, data bytes)`` of the unit (``kind`` in :data:`ARTIFACT_KINDS`), replacing the unit's
+        earlier ones in the same transaction. Returns the number of rows written."""
         _check_key("model_key", model_key)
         _check_key("data_fp", data_fp)
         _check_audit(audit)
@@ -347,6 +361,18 @@ class AuditStore:
                                 "value) VALUES (?, ?, ?, ?, ?, ?)",
                                 (model_key, data_fp, skey, split, metric, _value(value, f"rows[{i}] ({metric})")))
                 n += 1
+            self.db.execute("DELETE FROM artifacts WHERE model_key = ? AND audit = ? AND data_fp = ? AND "
+                            "settings_key = ?", (model_key, audit, data_fp, skey))
+            for i, art in enumerate(artifacts or ()):
+                if not isinstance(art, (tuple, list)) or len(art) != 4:
+                    raise ValueError(f"artifacts[{i}]: expected (split, name, kind, bytes), got {art!r:.80}")
+                split, name, kind, data = art
+                if kind not in ARTIFACT_KINDS or not isinstance(data, (bytes, bytearray)) or not name:
+                    raise ValueError(f"artifacts[{i}]: expected a name, a kind in {ARTIFACT_KINDS} and bytes, got "
+                                     f"{name!r}, {kind!r}, {type(data).__name__}")
+                self.db.execute("INSERT OR REPLACE INTO artifacts (model_key, audit, data_fp, settings_key, split, "
+                                "name, kind, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                (model_key, audit, data_fp, skey, str(split), str(name), kind, bytes(data)))
             self.db.execute("INSERT OR IGNORE INTO settings (settings_key, audit, settings) VALUES (?, ?, ?)",
                             (skey, audit, settings_json))
             for split, info in (split_info or {}).items():
@@ -396,6 +422,17 @@ class AuditStore:
             "ORDER BY r.model_key, r.data_fp, r.settings_key, r.split, r.metric").fetchall()
         keys = ("model_key", "name", "data_fp", "settings_key", "split", "metric", "value")
         return [dict(zip(keys, (*r[:6], float("nan") if r[6] is None else float(r[6])))) for r in rows]
+
+    def artifacts(self, audit: str | None = None, *, with_data: bool = True) -> list[dict[str, Any]]:
+        """Every artifact (of ``audit``, or all) as dicts ``model_key, audit, data_fp, settings_key, split, name,
+        kind`` and, with ``with_data``, ``data`` (bytes), in a fixed order."""
+        if audit is not None:
+            _check_audit(audit)
+        cols = "model_key, audit, data_fp, settings_key, split, name, kind" + (", data" if with_data else "")
+        q = f"SELECT {cols} FROM artifacts" + (" WHERE audit = ?" if audit else "") + \
+            " ORDER BY model_key, audit, data_fp, settings_key, split, name"
+        keys = cols.split(", ")
+        return [dict(zip(keys, r)) for r in self.db.execute(q, (audit,) if audit else ()).fetchall()]
 
     def export_csv(self, path: str | os.PathLike) -> Path:
         """Every audit's rows in one CSV (``audit, model_key, name, data_fp, settings_key, split, metric, value``;
