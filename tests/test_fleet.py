@@ -694,3 +694,43 @@ def test_no_artifacts_option(tmp_path, zoo, splits):
     assert s.computed == 2
     with AuditStore(db) as st:
         assert st.artifacts() == [] and len(st.results("calibration")) > 0
+
+
+# ------------------------------------------------------------------------------------------------- streaming
+
+
+def test_streamed_folder_split_is_never_decoded_whole(tmp_path, zoo, splits, monkeypatch):
+    """A ``folder:CSV`` split streams: calibration reads it batch by batch (equal to the same folder loaded into
+    memory), it is never materialised, and the in-memory-only audits do not apply to it."""
+    from PIL import Image
+
+    from vlmfast.data import CLASSNAMES, ImageFolderStream, image_folder
+    from vlmfast.fleet.runner import build_split
+
+    data = splits["id"].data
+    lines = ["path,label"]
+    for i in range(len(data)):
+        Image.fromarray(data.images[i].permute(1, 2, 0).numpy()).save(tmp_path / f"{i:03d}.png")
+        lines.append(f"{i:03d}.png,{CLASSNAMES[int(data.labels[i])]}")
+    csv = tmp_path / "labels.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    memory = image_folder(tmp_path, csv)
+    name = f"folder:{csv}"
+    assert isinstance(build_split(name, 1, 0), ImageFolderStream)
+
+    def no(self):
+        raise AssertionError("the stream was loaded into memory")
+
+    monkeypatch.setattr(ImageFolderStream, "to_dataset", no)
+    entries = _entries(zoo, ("rn", "ft"))
+    s = audit_fleet(entries, ["calibration", "rationality"], tmp_path / "s.sqlite", [name], device="cpu",
+                    batch_size=16)
+    assert s.computed == 2 and not s.failed and any("rationality: applies to none" in n for n in s.notes)
+    audit_fleet(entries, ["calibration"], tmp_path / "m.sqlite", {"mem": memory}, device="cpu")
+    a, b = ({(r["name"], r["metric"]): r["value"] for r in _rows(tmp_path / f"{x}.sqlite")["calibration"]}
+            for x in ("s", "m"))
+    assert a.keys() == b.keys() and len(a) >= 2 * 10
+    for k in a:
+        assert (a[k] is None and b[k] is None) or a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+    again = audit_fleet(entries, ["calibration"], tmp_path / "s.sqlite", [name], device="cpu")
+    assert again.computed == 0 and again.skipped == 2  # the stream's fingerprint is stable

@@ -43,8 +43,12 @@ Each audit names the entry kinds it applies to (:attr:`Audit.kinds`): ``prompt``
 a frozen backbone) are audited for calibration only — their image tower is the backbone's.
 
 **Splits** are built once per run (:func:`build_splits`; names ``"id"`` = ``spurious_mnist("test")``,
-``"sklearn-digits"``, ``"KIND-SEVERITY"`` as :func:`vlmfast.tuning.robust.digit_splits`), or passed ready as a
-mapping name -> dataset.
+``"sklearn-digits"``, ``"KIND-SEVERITY"`` as :func:`vlmfast.tuning.robust.digit_splits`, ``"folder:CSV"`` = a
+user's image folder listed in ``CSV`` (paths relative to its folder; :func:`vlmfast.data.image_folder`) **streamed**),
+or passed ready as a mapping name -> dataset (in memory or an :class:`vlmfast.data.ImageFolderStream`). A streamed
+split is never decoded whole: its fingerprint comes from the CSV and the files, the calibration audit reads it one
+batch at a time (a 50,000-image folder needs the memory of one batch), and the audits that need every image at
+once (rationality, spurious) do not apply to it.
 """
 
 from __future__ import annotations
@@ -182,13 +186,16 @@ def calibration_audit(target: Any, split: Split, settings: Mapping[str, Any],
     if isinstance(target, PromptLearner):
         from vlmfast.models.text import encode_images
 
-        feats = encode_images(target.model, data, batch_size=max(opts.batch_size, 1))
+        feats = encode_images(target.model, data, batch_size=max(opts.batch_size, 1))  # streams too
         with torch.no_grad():
             logits = target.logits(feats, list(data.classnames)).float().cpu()
     else:
         clf = target if isinstance(target, ImageClassifier) else zero_shot_classifier(
             target, list(data.classnames), list(settings["templates"]))
-        logits, _ = predict(clf, data, batch_size=max(opts.batch_size, 1))
+        if in_memory(data):
+            logits, _ = predict(clf, data, batch_size=max(opts.batch_size, 1))
+        else:
+            logits = _stream_logits(clf, data, max(opts.batch_size, 1))
     labels = torch.as_tensor(data.labels).long()
     r = calibration(logits, labels, n_bins=int(settings["n_bins"]), per_batch=settings["per_batch"])
     rows = [(split.name, m, _num(getattr(r, m))) for m in CALIBRATION_METRICS]
@@ -200,6 +207,32 @@ def calibration_audit(target: Any, split: Split, settings: Mapping[str, Any],
     if isinstance(target, PromptLearner) and not target.csc:
         rows.extend(_base_to_new_rows(target, data, feats, split.name, int(settings["n_bins"])))
     return AuditOutput(rows, [reliability_artifact(split.name, r)] if opts.artifacts else [])
+
+
+def in_memory(data: Any) -> bool:
+    """Whether a split holds its images as one tensor (the built-in sets, ``image_folder``) rather than streaming
+    them (:class:`vlmfast.data.ImageFolderStream`: decoded batch by batch, never all in memory)."""
+    import torch
+
+    return isinstance(getattr(data, "images", None), torch.Tensor)
+
+
+def _stream_logits(clf: Any, data: Any, batch_size: int) -> Any:
+    """A classifier's logits over a streamed split, one decoded batch at a time (the order of the stream)."""
+    import torch
+
+    from vlmfast.data.stream import loader
+    from vlmfast.models.factory import preprocess_for
+
+    dev = next(clf.parameters()).device
+    was = clf.training
+    clf.eval()
+    out = []
+    with torch.no_grad():
+        for b in loader(data, batch_size):
+            out.append(clf.head(clf.features(preprocess_for(clf, b["image"]).to(dev))).float().cpu())
+    clf.train(was)
+    return torch.cat(out)
 
 
 def worst_group_accuracy(logits: Any, labels: Any, has_spurious: Any) -> float:
@@ -335,6 +368,11 @@ def _spurious_split(split: Split) -> bool:
     return getattr(split.data, "split", None) == "test" and getattr(split.data, "region_labels", None) is not None
 
 
+def _rationality_split(split: Split) -> bool:
+    """Heatmaps need the images in memory and the digits' boxes (the built-in composites and shifts)."""
+    return in_memory(split.data) and getattr(split.data, "boxes", None) is not None
+
+
 def _default_templates() -> list[str]:
     from vlmfast.data import CAPTION_TEMPLATES
 
@@ -346,7 +384,8 @@ AUDITS: dict[str, Audit] = {
     "calibration": Audit("calibration", calibration_audit,
                          {"n_bins": 15, "per_batch": 512, "templates": None},  # None: CAPTION_TEMPLATES
                          version=2, kinds=("clip", "classifier", "base", "prompt")),
-    "rationality": Audit("rationality", rationality_audit, {"threshold": 0.5, "blocks": "auto", "mask": "box"}),
+    "rationality": Audit("rationality", rationality_audit, {"threshold": 0.5, "blocks": "auto", "mask": "box"},
+                         applies=_rationality_split),
     "spurious": Audit("spurious", spurious_audit,
                       {"ks": None, "clip_distances": True, "threshold": 0.25, "method": "auto", "seed": 0,
                        "temperature": 0.07}, target="clip", applies=_spurious_split),
@@ -409,8 +448,15 @@ def build_split(name: str, n: int, seed: int, *, what: str = "splits", id_name: 
     m = re.fullmatch(r"([a-z]+)-([1-5])", name)
     if m and m.group(1) in CORRUPTIONS:
         return corrupted_test(m.group(1), int(m.group(2)), n=n, seed=seed)
-    raise ValueError(f"{what}: expected {id_name}, sklearn-digits or KIND-SEVERITY with KIND in {CORRUPTIONS} and "
-                     f"SEVERITY in 1..5, got {name!r}")
+    if name.startswith("folder:") and len(name) > len("folder:"):
+        from pathlib import Path
+
+        from vlmfast.data import image_folder
+
+        csv = Path(name[len("folder:"):])
+        return image_folder(csv.parent, csv, split=name, stream=True)
+    raise ValueError(f"{what}: expected {id_name}, sklearn-digits, KIND-SEVERITY with KIND in {CORRUPTIONS} and "
+                     f"SEVERITY in 1..5, or folder:CSV, got {name!r}")
 
 
 def build_splits(splits: Sequence[str] | Mapping[str, Any] = DEFAULT_SPLITS, *, n: int = 1000,
@@ -436,7 +482,9 @@ def build_splits(splits: Sequence[str] | Mapping[str, Any] = DEFAULT_SPLITS, *, 
             if name in out:
                 raise ValueError(f"splits: {name!r} given twice")
             data = build_split(name, n, seed)
-            out[name] = Split(name, data, data_fingerprint(data, name), {"source": name, "n": len(data), "seed": seed})
+            info = {"source": name, "n": len(data)} if name.startswith("folder:") else {
+                "source": name, "n": len(data), "seed": seed}
+            out[name] = Split(name, data, data_fingerprint(data, name), info)
     if not out:
         raise ValueError("splits: expected at least one split, got none")
     return out
