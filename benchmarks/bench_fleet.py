@@ -32,6 +32,9 @@ CONFIGS = {
     "cpu-12-calibration": dict(models=12, n=1000, audits=("calibration",), device="cpu", ray=True, reps=2),
     "cpu-6-three-audits": dict(models=6, n=200, audits=("calibration", "rationality", "spurious"), device="cpu",
                                ray=True, reps=1),
+    # the target: 100 tiny full models x 3 audits in under 10 minutes on 2 cores (in-process)
+    "cpu-100-three-audits": dict(models=100, n=200, audits=("calibration", "rationality", "spurious"), device="cpu",
+                                 ray=False, reps=1),
     # prompt-tuned heads sharing one backbone: grouped (encode once, all heads in one calibration pass) against the
     # one-by-one path, timed on its first `ref_heads` heads and scaled to the fleet
     "quick-heads": dict(heads=8, ref_heads=2, n=200, device="cpu", reps=1),

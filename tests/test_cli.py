@@ -172,12 +172,20 @@ def test_progress_plain_and_rich():
         p.line("summary")
     assert buf.getvalue() == "a: done\nb: done\nsummary\n"
     buf = io.StringIO()
+    from vlmfast import _progress as lib
+
     with Progress(enabled=True, stream=buf) as p:
         assert p.bars
         bar = p.stage("runs", 2)
         bar.advance("a: done")
+        inner = lib.bar(3, "encode_images", "batch")  # the library's batch bars become rich tasks
+        assert len(p._rich.tasks) == 2
+        inner.update(3)
+        inner.close()
+        assert len(p._rich.tasks) == 1
         bar.advance("b: done")
         bar.done()
+    assert lib._FACTORY.get() is None  # tqdm again outside the block
     text = buf.getvalue()
     assert "a: done" in text and "b: done" in text and "runs" in text and "2/2" in text
 

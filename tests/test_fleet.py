@@ -734,3 +734,30 @@ def test_streamed_folder_split_is_never_decoded_whole(tmp_path, zoo, splits, mon
         assert (a[k] is None and b[k] is None) or a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
     again = audit_fleet(entries, ["calibration"], tmp_path / "s.sqlite", [name], device="cpu")
     assert again.computed == 0 and again.skipped == 2  # the stream's fingerprint is stable
+
+
+def test_precision_auto_is_fp32_on_cpu_and_bf16_is_its_own_key(tmp_path, zoo, splits):
+    """``precision="auto"`` resolves by device (fp32 on CPU: the same key as an explicit fp32); bf16 (autocast)
+    results are stored under another key and agree with fp32 to bf16 precision."""
+    from vlmfast.fleet.runner import check_audits
+
+    _, res, keys = check_audits(["calibration"], None, "cpu")
+    assert res["calibration"]["precision"] == "fp32"
+    assert keys == check_audits(["calibration"], {"calibration": {"precision": "fp32"}}, "cpu")[2]
+    assert check_audits(["calibration"], None, "cuda")[1]["calibration"]["precision"] == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        check_audits(["calibration"], {"calibration": {"precision": "fp16"}})
+    db = tmp_path / "a.sqlite"
+    entries = _entries(zoo, ("ft",))
+    audit_fleet(entries, ["calibration"], db, splits, device="cpu")
+    s = audit_fleet(entries, ["calibration"], db, splits, device="cpu", settings={"calibration": {"precision": "bf16"}})
+    assert s.computed == 2  # not reused: another key
+    with AuditStore(db) as st:
+        rows = st.results("calibration")
+    by = {}
+    for r in rows:
+        by.setdefault(r["settings_key"], {})[(r["split"], r["metric"])] = r["value"]
+    fp32, bf16 = by.values()
+    assert any(bf16[k] != fp32[k] for k in fp32)  # autocast did run in bf16
+    for k in (("id", "accuracy"), ("id", "ece"), ("noise-3", "nll")):
+        assert bf16[k] == pytest.approx(fp32[k], abs=0.03), k

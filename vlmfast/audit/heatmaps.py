@@ -238,12 +238,9 @@ def heatmaps(
     starts = range(0, imgs.shape[0], batch_size)
     bar = None
     if progress:
-        try:
-            from tqdm.auto import tqdm
+        from vlmfast._progress import bar as _bar
 
-            bar = tqdm(total=len(starts), desc=desc, unit="batch")
-        except ImportError:  # pragma: no cover
-            bar = None
+        bar = _bar(len(starts), desc, "batch")
     try:
         for s0 in starts:
             x = preprocess_for(model, imgs[s0:s0 + batch_size])

@@ -1,7 +1,8 @@
 """Progress of the long commands (``vlmfast demo``, ``vlmfast finetune --plan``, ``vlmfast audit --manifest``):
-rich progress bars on a terminal — one per stage (runs, models per audit) with the elapsed and remaining time —
-and each finished item's line printed above them; plain lines (the same lines, nothing else) when the output is
-not a terminal, when ``rich`` is missing or when ``enabled=False``.
+rich progress bars on a terminal — one per stage (runs, models per audit) with the elapsed and remaining time,
+and a transient one per batch loop of the library (encoding, heatmaps, the k-medoids sweep:
+:func:`vlmfast._progress.batch_bars`) — and each finished item's line printed above them; plain lines (the
+same lines, nothing else) when the output is not a terminal, when ``rich`` is missing or when ``enabled=False``.
 
     with Progress() as p:
         bar = p.stage("fine-tuning", total=35)
@@ -56,12 +57,30 @@ class Progress:
 
     def __enter__(self) -> "Progress":
         if self._rich is not None:
+            from vlmfast._progress import batch_bars
+
             self._rich.start()
+            self._batches = batch_bars(self._batch_bar)  # the library's batch bars become rich tasks
+            self._batches.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self._rich is not None:
+            self._batches.__exit__(*exc)
             self._rich.stop()
+
+    def _batch_bar(self, total: int | None, desc: str, unit: str) -> Any:
+        """A transient rich task for one of the library's batch loops (removed when it closes)."""
+        rich, task = self._rich, self._rich.add_task(f"  {desc} ({unit})", total=total)
+
+        class _Bar:
+            def update(self, n: int = 1) -> None:
+                rich.advance(task, n)
+
+            def close(self) -> None:
+                rich.remove_task(task)
+
+        return _Bar()
 
     def stage(self, description: str, total: int | None) -> _Stage:
         """A new stage of ``total`` items (None: unknown)."""
@@ -84,9 +103,9 @@ class Progress:
 
     def _done(self, task: Any) -> None:
         if self._rich is not None and task is not None:
-            t = self._rich.tasks[[x.id for x in self._rich.tasks].index(task)]
-            self._rich.update(task, total=t.completed if t.total is None else t.total, completed=t.total or
-                              t.completed)
+            t = next(x for x in self._rich.tasks if x.id == task)
+            end = t.completed if t.total is None else t.total
+            self._rich.update(task, total=end, completed=end)
 
 
 def _isatty(stream: Any) -> bool:

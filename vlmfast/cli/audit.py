@@ -184,7 +184,7 @@ def split_data(split: str, n: int, seed: int):
     """The ``--split`` of the audits: ``test``, ``sklearn-digits`` or ``KIND-SEVERITY``."""
     from vlmfast.fleet.runner import build_split
 
-    return build_split(split, n, seed, what="--split", id_name="test")
+    return build_split(split, n, seed, what="--split", id_name="test", folders=False)
 
 
 def load_audited(spec: str, *, base_preset: str, device: Any, progress: Any):

@@ -121,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
             bar = prog.stage(f"audit: {audit}", n_models)
             s = audit_fleet(manifest, [audit], db, list(splits), n=args.n, seed=0,
                             settings={a: v for a, v in DEMO_SETTINGS.items() if a == audit}, force=args.force,
+                            bars=prog.bars,
                             progress=lambda r, a=audit, b=bar: b.advance(f"  [{a}] {r.line()}"))
             log(f"  {audit}: {s.line()}")
             summaries.append(s)

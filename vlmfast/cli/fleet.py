@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             summary = audit_fleet(entries, audits, store, splits, n=args.fleet_n, seed=args.fleet_seed,
                                   force=args.fleet_force, progress=tick,
-                                  bars=not args.fleet_no_progress and not prog.bars, device=args.fleet_device,
+                                  bars=not args.fleet_no_progress, device=args.fleet_device,
                                   batch_size=args.fleet_batch_size)
         if csv_path is not None:
             store.export_csv(csv_path)

@@ -496,8 +496,9 @@ def sweep(x: Any, ks: Iterable[int], *, metric: str = "cosine", seed: int = 0, m
     seeds = _SeedCache()
     it = ks
     if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(ks, desc="k-medoids sweep", unit="k")
+        from vlmfast._progress import iterate
+
+        it = iterate(ks, len(ks), "k-medoids sweep", "k")
     best_s, best_fit, best_k = 0.0, None, None
     top_s, top_fit, top_k = -math.inf, None, None
     scores: dict[int, float] = {}

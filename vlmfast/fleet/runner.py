@@ -179,23 +179,11 @@ def calibration_audit(target: Any, split: Split, settings: Mapping[str, Any],
 
     from vlmfast.metrics import calibration
     from vlmfast.tuning.prompt import PromptLearner
-    from vlmfast.tuning.robust import ImageClassifier, predict, zero_shot_classifier
 
     opts = options or RunOptions()
     data = split.data
-    if isinstance(target, PromptLearner):
-        from vlmfast.models.text import encode_images
-
-        feats = encode_images(target.model, data, batch_size=max(opts.batch_size, 1))  # streams too
-        with torch.no_grad():
-            logits = target.logits(feats, list(data.classnames)).float().cpu()
-    else:
-        clf = target if isinstance(target, ImageClassifier) else zero_shot_classifier(
-            target, list(data.classnames), list(settings["templates"]))
-        if in_memory(data):
-            logits, _ = predict(clf, data, batch_size=max(opts.batch_size, 1))
-        else:
-            logits = _stream_logits(clf, data, max(opts.batch_size, 1))
+    with _precision(target, settings.get("precision", "fp32")):
+        logits, feats = _calibration_logits(target, data, settings, opts)
     labels = torch.as_tensor(data.labels).long()
     r = calibration(logits, labels, n_bins=int(settings["n_bins"]), per_batch=settings["per_batch"])
     rows = [(split.name, m, _num(getattr(r, m))) for m in CALIBRATION_METRICS]
@@ -207,6 +195,42 @@ def calibration_audit(target: Any, split: Split, settings: Mapping[str, Any],
     if isinstance(target, PromptLearner) and not target.csc:
         rows.extend(_base_to_new_rows(target, data, feats, split.name, int(settings["n_bins"])))
     return AuditOutput(rows, [reliability_artifact(split.name, r)] if opts.artifacts else [])
+
+
+def _precision(target: Any, precision: str) -> Any:
+    """bf16 autocast on the target's device for ``"bf16"`` (the forward passes; metrics stay in float32)."""
+    import contextlib
+
+    import torch
+
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    dev = next(target.parameters()).device
+    return torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
+
+
+def _calibration_logits(target: Any, data: Any, settings: Mapping[str, Any], opts: RunOptions) -> tuple[Any, Any]:
+    """(float32 CPU logits, image features or None) of ``target`` on ``data``."""
+    import torch
+
+    from vlmfast.tuning.prompt import PromptLearner
+    from vlmfast.tuning.robust import ImageClassifier, predict, zero_shot_classifier
+
+    feats = None
+    if isinstance(target, PromptLearner):
+        from vlmfast.models.text import encode_images
+
+        feats = encode_images(target.model, data, batch_size=max(opts.batch_size, 1)).float()  # streams too
+        with torch.no_grad():
+            logits = target.logits(feats, list(data.classnames)).float().cpu()
+    else:
+        clf = target if isinstance(target, ImageClassifier) else zero_shot_classifier(
+            target, list(data.classnames), list(settings["templates"]))
+        if in_memory(data):
+            logits, _ = predict(clf, data, batch_size=max(opts.batch_size, 1))
+        else:
+            logits = _stream_logits(clf, data, max(opts.batch_size, 1))
+    return logits.float().cpu(), feats
 
 
 def in_memory(data: Any) -> bool:
@@ -382,7 +406,8 @@ def _default_templates() -> list[str]:
 #: name -> :class:`Audit`. Each name has its results table in the store (:data:`vlmfast.fleet.store.AUDIT_TABLES`).
 AUDITS: dict[str, Audit] = {
     "calibration": Audit("calibration", calibration_audit,
-                         {"n_bins": 15, "per_batch": 512, "templates": None},  # None: CAPTION_TEMPLATES
+                         # templates None: CAPTION_TEMPLATES; precision "auto": bf16 on CUDA, fp32 elsewhere
+                         {"n_bins": 15, "per_batch": 512, "templates": None, "precision": "auto"},
                          version=2, kinds=("clip", "classifier", "base", "prompt")),
     "rationality": Audit("rationality", rationality_audit, {"threshold": 0.5, "blocks": "auto", "mask": "box"},
                          applies=_rationality_split),
@@ -413,6 +438,9 @@ def resolve_settings(audit: str, overrides: Mapping[str, Any] | None = None) -> 
         s["templates"] = list(s["templates"])
         if isinstance(s["n_bins"], bool) or not isinstance(s["n_bins"], int) or s["n_bins"] < 1:
             raise ValueError(f"settings['calibration']['n_bins']: expected an int >= 1, got {s['n_bins']!r}")
+        if s["precision"] not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"settings['calibration']['precision']: expected auto, fp32 or bf16, got "
+                             f"{s['precision']!r}")
     elif audit == "rationality":
         if s["blocks"] not in ("auto", "last", "all"):
             raise ValueError(f"settings['rationality']['blocks']: expected auto, last or all, got {s['blocks']!r}")
@@ -436,9 +464,10 @@ def resolve_settings(audit: str, overrides: Mapping[str, Any] | None = None) -> 
 # ------------------------------------------------------------------------------------------------- splits
 
 
-def build_split(name: str, n: int, seed: int, *, what: str = "splits", id_name: str = "id"):
-    """One built-in evaluation split by name: ``id_name`` (``spurious_mnist("test")``), ``"sklearn-digits"`` or
-    ``"KIND-SEVERITY"`` (a corrupted test split); ValueError naming ``what`` for anything else."""
+def build_split(name: str, n: int, seed: int, *, what: str = "splits", id_name: str = "id", folders: bool = True):
+    """One built-in evaluation split by name: ``id_name`` (``spurious_mnist("test")``), ``"sklearn-digits"``,
+    ``"KIND-SEVERITY"`` (a corrupted test split) or, with ``folders``, ``"folder:CSV"`` (a streamed image folder);
+    ValueError naming ``what`` for anything else."""
     from vlmfast.data import CORRUPTIONS, corrupted_test, sklearn_digits, spurious_mnist
 
     if name == id_name:
@@ -448,15 +477,15 @@ def build_split(name: str, n: int, seed: int, *, what: str = "splits", id_name: 
     m = re.fullmatch(r"([a-z]+)-([1-5])", name)
     if m and m.group(1) in CORRUPTIONS:
         return corrupted_test(m.group(1), int(m.group(2)), n=n, seed=seed)
-    if name.startswith("folder:") and len(name) > len("folder:"):
+    if folders and name.startswith("folder:") and len(name) > len("folder:"):
         from pathlib import Path
 
         from vlmfast.data import image_folder
 
         csv = Path(name[len("folder:"):])
         return image_folder(csv.parent, csv, split=name, stream=True)
-    raise ValueError(f"{what}: expected {id_name}, sklearn-digits, KIND-SEVERITY with KIND in {CORRUPTIONS} and "
-                     f"SEVERITY in 1..5, or folder:CSV, got {name!r}")
+    raise ValueError(f"{what}: expected {id_name}, sklearn-digits or KIND-SEVERITY with KIND in {CORRUPTIONS} and "
+                     f"SEVERITY in 1..5{', or folder:CSV' if folders else ''}, got {name!r}")
 
 
 def build_splits(splits: Sequence[str] | Mapping[str, Any] = DEFAULT_SPLITS, *, n: int = 1000,
@@ -696,10 +725,20 @@ def _report_fn(progress: Any) -> Callable[[ModelReport], None]:
     return lambda r: None
 
 
-def check_audits(audits: Sequence[str] | str, settings: Mapping[str, Mapping[str, Any]] | None
+def _on_cuda(device: Any) -> bool:
+    import torch
+
+    if device is None:
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cuda"
+
+
+def check_audits(audits: Sequence[str] | str, settings: Mapping[str, Mapping[str, Any]] | None, device: Any = None
                  ) -> tuple[list[str], dict[str, dict[str, Any]], dict[str, str]]:
     """``(audit names, resolved settings per audit, settings key per audit)`` of the ``audits`` argument (a list
-    or a comma-separated str) and the ``settings`` overrides; ValueError for unknown names."""
+    or a comma-separated str) and the ``settings`` overrides; ValueError for unknown names. The calibration
+    audit's ``precision="auto"`` is resolved here — ``"bf16"`` when the models run on CUDA (``device``; None:
+    CUDA when available), else ``"fp32"`` — so that bf16 and fp32 results have different keys."""
     if isinstance(audits, str):
         audits = [a.strip() for a in audits.split(",") if a.strip()]
     audits = list(dict.fromkeys(audits))
@@ -713,6 +752,8 @@ def check_audits(audits: Sequence[str] | str, settings: Mapping[str, Mapping[str
     if unknown:
         raise ValueError(f"settings: unknown audit {unknown[0]!r}; expected some of {tuple(AUDITS)}")
     resolved = {a: resolve_settings(a, settings.get(a)) for a in audits}
+    if resolved.get("calibration", {}).get("precision") == "auto":
+        resolved["calibration"]["precision"] = "bf16" if _on_cuda(device) else "fp32"
     return audits, resolved, {a: settings_key(resolved[a]) for a in audits}
 
 
@@ -749,7 +790,7 @@ def audit_fleet(
     cluster's regions; :class:`AuditOutput`); not part of any key.
     """
     t_start = time.perf_counter()
-    audits, resolved, skeys = check_audits(audits, settings)
+    audits, resolved, skeys = check_audits(audits, settings, device)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     if isinstance(manifest, (str, os.PathLike)):
@@ -792,7 +833,7 @@ def audit_fleet(
         store.record_failure(key, audit, e, name=entry.name, path=str(entry.resolved or entry.path))
         summary.failed.append((entry.name, audit, _error_text(e)))
 
-    groups = prompt_groups(entries) if group_prompts else {}
+    groups = prompt_groups(entries) if group_prompts and "calibration" in audits else {}
     grouped = {i for idx in groups.values() for i in idx}
     all_entries, entries = entries, [e for i, e in enumerate(entries) if i not in grouped]
 
@@ -817,6 +858,7 @@ def audit_fleet(
 
         hashes: dict[Any, str] = {}
         backbone_hash = weights_hash(backbone)
+        precision = resolved.get("calibration", {}).get("precision", "fp32")
         work = []  # (entry, key, rep, todo)
         for entry in members:
             rep = ModelReport(entry.name, "done")
@@ -854,7 +896,7 @@ def audit_fleet(
                 try:
                     if a != "calibration":
                         raise ValueError(f"audit {a!r} does not apply to prompt entries")
-                    with torch.no_grad():
+                    with torch.no_grad(), _precision(backbone, precision):
                         heads[j][sp.name] = learner.text_features(list(sp.data.classnames)).float().cpu()
                 except Exception as e:
                     fail(rep, key, a, e, entry)
@@ -866,7 +908,8 @@ def audit_fleet(
             t_unit = time.perf_counter()
             try:
                 if sp.name not in feats:
-                    feats[sp.name] = encode_images(backbone, sp.data, batch_size=max(batch_size, 1)).float().cpu()
+                    with _precision(backbone, precision):
+                        feats[sp.name] = encode_images(backbone, sp.data, batch_size=max(batch_size, 1)).float().cpu()
                 scale = backbone.logit_scale.detach().float().exp().cpu() if getattr(
                     backbone, "logit_scale", None) is not None else torch.tensor(100.0)
                 stacked = torch.stack([heads[j][sp.name] for j in members_j])

@@ -460,17 +460,6 @@ def encode_images(
 
 
 def _progress(it: Iterable, total: int, desc: str):
-    try:
-        from tqdm import tqdm
+    from vlmfast._progress import iterate
 
-        return tqdm(it, total=total, desc=desc)
-    except ImportError:
-        import sys
-
-        def gen():
-            for i, x in enumerate(it):
-                print(f"\r{desc}: {i + 1}/{total}", end="", file=sys.stderr, flush=True)
-                yield x
-            print(file=sys.stderr)
-
-        return gen()
+    return iterate(it, total, desc, "batch")
