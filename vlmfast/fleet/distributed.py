@@ -75,7 +75,7 @@ def audit_fleet_ray(
     ``cpus_per_task``: CPUs each task asks for when the cluster has no GPU."""
     ray = require("ray", "vlmfast.fleet.audit_fleet_ray (--ray)")
     t_start = time.perf_counter()
-    audits, resolved, skeys = check_audits(audits, settings)
+    audits, resolved, skeys = check_audits(audits, settings, device)
     if isinstance(cpus_per_task, bool) or not isinstance(cpus_per_task, int) or cpus_per_task < 1:
         raise ValueError(f"cpus_per_task: expected an int >= 1, got {cpus_per_task!r}")
     entries = load_manifest(manifest) if isinstance(manifest, (str, os.PathLike)) else list(manifest)
