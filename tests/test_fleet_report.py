@@ -452,3 +452,13 @@ def test_cli(tmp_path, synthetic, capsys, monkeypatch):
     assert "newer vlmfast" in err(["report", str(newer), "--out", str(out)])
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     assert "pyarrow is needed" in err(["report", str(db), "--out", str(tmp_path / "p"), "--format", "parquet"])
+
+
+def test_model_images_are_capped_with_a_note(monkeypatch):
+    from vlmfast.fleet import report as R
+
+    monkeypatch.setattr(R, "MAX_MODEL_IMAGES", 2)
+    notes = []
+    assert R._capped([1, 2, 3], "Heatmap overlays", notes) == [1, 2]
+    assert notes == ["Heatmap overlays: drawn for the first 2 of 3 models (the store keeps all)."]
+    assert R._capped([1], "x", notes) == [1] and len(notes) == 1

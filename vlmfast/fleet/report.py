@@ -680,7 +680,17 @@ def _tensors(blob: bytes) -> dict[str, Any]:
     return load(blob)
 
 
-def _heatmap_images(fleet: Fleet, out: Path) -> list[tuple[str, str, str]]:
+#: At most this many heatmap grids and galleries each (the first models in the store's order; a note says so).
+MAX_MODEL_IMAGES = 60
+
+
+def _capped(items: list, what: str, notes: list[str]) -> list:
+    if len(items) > MAX_MODEL_IMAGES:
+        notes.append(f"{what}: drawn for the first {MAX_MODEL_IMAGES} of {len(items)} models (the store keeps all).")
+    return items[:MAX_MODEL_IMAGES]
+
+
+def _heatmap_images(fleet: Fleet, out: Path, notes: list[str]) -> list[tuple[str, str, str]]:
     """One overlay grid per current model (its ``id`` split when it has one, else its first): ``[(path, caption,
     method)]``."""
     from vlmfast.plot import heatmap_overlays
@@ -690,7 +700,7 @@ def _heatmap_images(fleet: Fleet, out: Path) -> list[tuple[str, str, str]]:
         if a["model_key"] not in seen or a["split"] == "id":
             seen[a["model_key"]] = a
     written = []
-    for key, a in seen.items():
+    for key, a in _capped(list(seen.items()), "Heatmap overlays", notes):
         info = fleet.model(key)
         t = _tensors(a["data"])
         titles = [f"{int(y)} {'correct' if c else 'wrong'}" for y, c in zip(t["labels"].tolist(),
@@ -703,12 +713,12 @@ def _heatmap_images(fleet: Fleet, out: Path) -> list[tuple[str, str, str]]:
     return written
 
 
-def _gallery_images(fleet: Fleet, out: Path) -> list[tuple[str, str, str]]:
+def _gallery_images(fleet: Fleet, out: Path, notes: list[str]) -> list[tuple[str, str, str]]:
     from vlmfast.data import CLASSNAMES
     from vlmfast.plot import region_gallery
 
     written = []
-    for a in _current_artifacts(fleet, "spurious", "top_cluster"):
+    for a in _capped(_current_artifacts(fleet, "spurious", "top_cluster"), "Spurious-cluster galleries", notes):
         info = fleet.model(a["model_key"])
         t = _tensors(a["data"])
         attr = int(t["attribute"][0])
@@ -735,8 +745,8 @@ def _images(fleet: Fleet, out: Path, plots: bool | None, notes: list[str]) -> di
 
         if importlib.util.find_spec("matplotlib") is None:
             return {}
-    return {"reliability": _reliability_images(fleet, out), "heatmaps": _heatmap_images(fleet, out),
-            "spurious": _gallery_images(fleet, out)}
+    return {"reliability": _reliability_images(fleet, out), "heatmaps": _heatmap_images(fleet, out, notes),
+            "spurious": _gallery_images(fleet, out, notes)}
 
 
 def _images_section(images: Mapping[str, list]) -> str:
