@@ -560,6 +560,19 @@ def test_ray_fleet_equals_the_in_process_run(tmp_path, zoo, splits, reference):
         assert _rows(db) == _rows(reference[0])
         again = audit_fleet_ray(_entries(zoo, ("rn", "vit", "ft")), ALL, db, splits, settings=FAST, device="cpu")
         assert again.skipped == 3 and again.computed == 0
+        # prompt heads on one backbone: grouped on the driver (CoCoOp as a task); the same rows as in-process
+        from vlmfast.models import load_checkpoint
+
+        model, _ = load_checkpoint(zoo / "ckpt" / "rn", device="cpu")
+        heads = _learners(tmp_path / "heads", zoo / "ckpt" / "rn", model)[:4]
+        r = audit_fleet_ray(heads, ["calibration"], tmp_path / "rh.sqlite", splits, device="cpu")
+        i = audit_fleet(heads, ["calibration"], tmp_path / "ih.sqlite", splits, device="cpu")
+        assert r.done == i.done == 4 and not r.failed and r.computed == 8
+        a, b = ({(x["name"], x["split"], x["metric"]): x["value"] for x in _rows(d)["calibration"]}
+                for d in (tmp_path / "rh.sqlite", tmp_path / "ih.sqlite"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert (a[k] is None and b[k] is None) or a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
     finally:
         ray.shutdown()
 

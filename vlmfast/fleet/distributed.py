@@ -3,7 +3,9 @@
 
 * **Driver** (this process): validates the audits, resolves their settings, builds and fingerprints the splits
   once (they go into Ray's object store once, ``ray.put``), hashes every checkpoint and looks its units up in the
-  store — exactly as the in-process runner does. Every model with a unit left becomes one task.
+  store — exactly as the in-process runner does. Every model with a unit left becomes one task, except prompt
+  learners that share a backbone: those are audited together on the driver after the tasks
+  (:func:`vlmfast.fleet.runner.grouped_calibration_rows`: one backbone load and encode for the whole group).
 * **Tasks** (one per model; ``num_gpus=1`` each when the cluster has GPUs, else ``num_cpus``): load the model from
   its manifest entry (safetensors / ``pretrain_base``'s cache; nothing is unpickled from disk), run its pending
   audits on the shared splits and return the rows. A task never touches the store.
@@ -25,7 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from vlmfast._optional import require
 from vlmfast.fleet.manifest import ManifestEntry, load_entry, load_manifest
 from vlmfast.fleet.runner import (AUDITS, DEFAULT_SPLITS, FleetSummary, ModelReport, RunOptions, _error_text,
-                                  _prepare, build_splits, check_audits, split_output)
+                                  _prepare, build_splits, check_audits, prompt_groups, split_output)
 from vlmfast.fleet.store import AuditStore
 
 __all__ = ["audit_fleet_ray"]
@@ -113,7 +115,11 @@ def audit_fleet_ray(
                                  path=str(entry.resolved or entry.path))
             summary.failed.append((entry.name, audit, err))
 
-        for entry in entries:
+        # prompt heads sharing a backbone: one in-process group on the driver (one encode, one calibration pass)
+        # beats one Ray task per head, each loading and encoding again
+        groups = prompt_groups(entries) if "calibration" in audits else {}
+        grouped = {i for idx in groups.values() for i in idx}
+        for entry in [e for i, e in enumerate(entries) if i not in grouped]:
             t0 = time.perf_counter()
             rep = ModelReport(entry.name, "done")
             try:
@@ -173,6 +179,17 @@ def audit_fleet_ray(
             if rep.status == "done":
                 summary.done += 1
             report(rep)
+        if grouped:
+            from vlmfast.fleet.runner import audit_fleet
+
+            g = audit_fleet([entries[i] for i in sorted(grouped)], ["calibration"], store, split_map,
+                            settings={k: v for k, v in (settings or {}).items() if k == "calibration"}, force=force,
+                            progress=report, device=device, batch_size=batch_size, artifacts=artifacts)
+            summary.done += g.done
+            summary.skipped += g.skipped
+            summary.failed += g.failed
+            summary.computed += g.computed
+            summary.reused += g.reused
     finally:
         if started_here:
             ray.shutdown()
