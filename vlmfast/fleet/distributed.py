@@ -27,7 +27,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from vlmfast._optional import require
 from vlmfast.fleet.manifest import ManifestEntry, load_entry, load_manifest
 from vlmfast.fleet.runner import (AUDITS, DEFAULT_SPLITS, FleetSummary, ModelReport, RunOptions, _error_text,
-                                  _prepare, build_splits, check_audits, prompt_groups, split_output)
+                                  _prepare, build_splits, check_audits, model_card, prompt_groups,
+                                  split_output)
 from vlmfast.fleet.store import AuditStore
 
 __all__ = ["audit_fleet_ray"]
@@ -130,9 +131,7 @@ def audit_fleet_ray(
                 report(rep)
                 continue
             rep.model_key = key
-            store.add_model(key, entry.name, str(entry.resolved or entry.path),
-                            {"kind": entry.kind, "method": entry.method, "seed": entry.seed, "tags": entry.tags,
-                             "meta": entry.meta, "files": parts})
+            store.add_model(key, entry.name, str(entry.resolved or entry.path), model_card(entry, parts))
             todo = []
             for a in audits:
                 if entry.kind not in AUDITS[a].kinds:

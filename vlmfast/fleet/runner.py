@@ -279,6 +279,35 @@ def worst_group_accuracy(logits: Any, labels: Any, has_spurious: Any) -> float:
 BASE_NEW_METRICS = ("base_accuracy", "new_accuracy", "H", "base_ece", "new_ece", "base_ace", "new_ace")
 
 
+def base_new_halves(names: Sequence[str], trained: Sequence[str], labels: Any
+                    ) -> list[tuple[str, list[str], Any, Any]]:
+    """The base-to-new protocol's two closed sets of a split with class ``names`` for a learner trained on
+    ``trained``: ``[(half, its class names, sample mask, labels re-indexed within the half)]`` for ``"base"`` and
+    ``"new"``; ``[]`` when either half has no class or no sample."""
+    import torch
+
+    labels = torch.as_tensor(labels).long().flatten()
+    t = set(trained)
+    halves = (("base", [i for i, c in enumerate(names) if c in t]), ("new", [i for i, c in enumerate(names)
+                                                                           if c not in t]))
+    out = []
+    for half, ids in halves:
+        if not ids:
+            return []
+        remap = torch.full((len(names),), -1, dtype=torch.long)
+        remap[torch.tensor(ids)] = torch.arange(len(ids))
+        y = remap[labels]
+        mask = y >= 0
+        if not bool(mask.any()):
+            return []
+        out.append((half, [names[i] for i in ids], mask, y[mask]))
+    return out
+
+
+def _harmonic(b: float, n: float) -> float:
+    return 2 * b * n / (b + n) if b + n > 0 else 0.0
+
+
 def _base_to_new_rows(learner: Any, data: Any, feats: Any, split: str, n_bins: int) -> list[tuple[str, str, float]]:
     """Base / new accuracy and ECE / ACE of ``learner`` on ``data`` (base = its trained class names; nothing when
     the split has no class of either half)."""
@@ -286,28 +315,17 @@ def _base_to_new_rows(learner: Any, data: Any, feats: Any, split: str, n_bins: i
 
     from vlmfast.metrics import calibration
 
-    names = list(data.classnames)
-    trained = set(learner.classnames)
-    base_ids = [i for i, c in enumerate(names) if c in trained]
-    new_ids = [i for i, c in enumerate(names) if c not in trained]
-    if not base_ids or not new_ids:
+    halves = base_new_halves(list(data.classnames), learner.classnames, torch.as_tensor(data.labels))
+    if not halves:
         return []
-    labels = torch.as_tensor(data.labels).long().flatten()
     out: dict[str, float] = {}
-    for part, ids in (("base", base_ids), ("new", new_ids)):
-        remap = torch.full((len(names),), -1, dtype=torch.long)
-        remap[torch.tensor(ids)] = torch.arange(len(ids))
-        y = remap[labels]
-        mask = y >= 0
-        if not bool(mask.any()):
-            return []
+    for part, names, mask, y in halves:
         with torch.no_grad():
-            logits = learner.logits(feats[mask.to(feats.device)], [names[i] for i in ids]).float().cpu()
-        cal = calibration(logits, y[mask], n_bins=n_bins)
+            logits = learner.logits(feats[mask.to(feats.device)], names).float().cpu()
+        cal = calibration(logits, y, n_bins=n_bins)
         out[f"{part}_accuracy"], out[f"{part}_ece"], out[f"{part}_ace"] = (
             _num(cal.accuracy), _num(cal.ece), _num(cal.ace))
-    b, nw = out["base_accuracy"], out["new_accuracy"]
-    out["H"] = 2 * b * nw / (b + nw) if b + nw > 0 else 0.0
+    out["H"] = _harmonic(out["base_accuracy"], out["new_accuracy"])
     return [(split, m, out[m]) for m in BASE_NEW_METRICS]
 
 
@@ -616,29 +634,17 @@ def grouped_calibration_rows(feats: Any, heads: Any, scale: Any, data: Any, trai
     for m, t in enumerate(trained):
         by_trained.setdefault(tuple(t), []).append(m)
     for t, members in by_trained.items():
-        base_ids = [i for i, c in enumerate(names) if c in set(t)]
-        new_ids = [i for i, c in enumerate(names) if c not in set(t)]
-        if not base_ids or not new_ids:
-            continue
         part: dict[str, Any] = {}
-        for half, ids in (("base", base_ids), ("new", new_ids)):
-            remap = torch.full((len(names),), -1, dtype=torch.long)
-            remap[torch.tensor(ids)] = torch.arange(len(ids))
-            y = remap[labels]
-            mask = y >= 0
-            if not bool(mask.any()):
-                part = {}
-                break
-            sub = heads[members][:, ids]
-            part[half] = calibration_from_features(feats[mask], sub, scale_m[:len(members)], y[mask],
+        for half, half_names, mask, y in base_new_halves(names, t, labels):
+            ids = [names.index(c) for c in half_names]
+            part[half] = calibration_from_features(feats[mask], heads[members][:, ids], scale_m[:len(members)], y,
                                                    n_bins=n_bins)
         if not part:
             continue
         for j, m in enumerate(members):
             v = {f"{h}_{k}": _num(getattr(part[h], k)[j]) for h in ("base", "new") for k in ("accuracy", "ece",
                                                                                              "ace")}
-            b, nw = v["base_accuracy"], v["new_accuracy"]
-            v["H"] = 2 * b * nw / (b + nw) if b + nw > 0 else 0.0
+            v["H"] = _harmonic(v["base_accuracy"], v["new_accuracy"])
             rows[m].extend((split, k, v[k]) for k in BASE_NEW_METRICS)
     return rows, r
 
@@ -715,6 +721,13 @@ def _prepare(entry: ManifestEntry, device: Any, bars: bool) -> tuple[str, dict, 
         return key, parts, loaded
     key, parts = model_key(entry)
     return key, parts, None
+
+
+def model_card(entry: ManifestEntry, parts: Mapping[str, str]) -> dict[str, Any]:
+    """The card a model is recorded with in the store (``models.card``): kind, method, seed, tags, meta, file
+    hashes."""
+    return {"kind": entry.kind, "method": entry.method, "seed": entry.seed, "tags": entry.tags, "meta": entry.meta,
+            "files": dict(parts)}
 
 
 def _report_fn(progress: Any) -> Callable[[ModelReport], None]:
@@ -869,9 +882,7 @@ def audit_fleet(
                 report(rep)
                 continue
             rep.model_key = key
-            store.add_model(key, entry.name, str(entry.resolved or entry.path),
-                            {"kind": entry.kind, "method": entry.method, "seed": entry.seed, "tags": entry.tags,
-                             "meta": entry.meta, "files": parts})
+            store.add_model(key, entry.name, str(entry.resolved or entry.path), model_card(entry, parts))
             todo, rep.reused = pending_units(key, entry.kind)
             summary.reused += rep.reused
             if not todo:
@@ -960,9 +971,7 @@ def audit_fleet(
                 hash_ahead(i + 1)
                 continue
             rep.model_key = key
-            store.add_model(key, entry.name, str(entry.resolved or entry.path),
-                            {"kind": entry.kind, "method": entry.method, "seed": entry.seed, "tags": entry.tags,
-                             "meta": entry.meta, "files": parts})
+            store.add_model(key, entry.name, str(entry.resolved or entry.path), model_card(entry, parts))
             todo, rep.reused = pending_units(key, entry.kind)
             summary.reused += rep.reused
             hash_ahead(i + 1)
