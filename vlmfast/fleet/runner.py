@@ -260,18 +260,15 @@ def _stream_logits(clf: Any, data: Any, batch_size: int) -> Any:
 
 
 def worst_group_accuracy(logits: Any, labels: Any, has_spurious: Any) -> float:
-    """The lowest accuracy over the groups class x spurious feature present (the groups with a sample)."""
+    """The lowest accuracy over the groups class x spurious feature present (the groups with a sample), as RaVL's
+    evaluation computes it (:func:`vlmfast.tuning.region.evaluate_groups`)."""
     import torch
 
+    from vlmfast.tuning.region import _group_table
+
     y = torch.as_tensor(labels).long().flatten()
-    present = torch.as_tensor(has_spurious).bool().flatten().long()
-    n_cls = int(logits.shape[-1])
-    g = y * 2 + present
-    correct = (logits.argmax(-1).cpu() == y).double()
-    n = torch.bincount(g, minlength=2 * n_cls).double()
-    c = torch.bincount(g, weights=correct, minlength=2 * n_cls)
-    valid = n > 0
-    return float((c[valid] / n[valid]).min()) if bool(valid.any()) else float("nan")
+    present = torch.as_tensor(has_spurious).bool().flatten()
+    return _group_table(logits.argmax(-1).cpu(), y, present, int(logits.shape[-1]))["worst_group"]
 
 
 #: The base-to-new metrics of a prompt learner's calibration audit (the CoOp protocol: base classes = the ones it
