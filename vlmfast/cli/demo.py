@@ -83,8 +83,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from vlmfast import _dispatch
-    from vlmfast.fleet import audit_fleet, write_report
-    from vlmfast.fleet.findings import check_findings
+    from vlmfast.cli._progress import Progress
+    from vlmfast.fleet import audit_fleet, load_manifest, write_report
+    from vlmfast.fleet.findings import findings_markdown
     from vlmfast.fleet.plan import plan_from_dict, run_plan
 
     if isinstance(args.n, bool) or not isinstance(args.n, int) or args.n < 1:
@@ -97,10 +98,6 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_from_dict(DEMO_PLAN, where="vlmfast demo plan")
     _write_plan(out / "plan.yaml")
     times: dict[str, float] = {}
-
-    from vlmfast.cli._progress import Progress
-    from vlmfast.fleet import load_manifest
-
     with _forced(args.backend), Progress() as prog:
         log = prog.line
         t0 = time.perf_counter()
@@ -132,10 +129,7 @@ def run(args: argparse.Namespace) -> int:
         files = write_report(db, out / "report", formats=("html", "csv"))
         times["report_s"] = time.perf_counter() - t0
 
-    from vlmfast.fleet.findings import findings_markdown
-    from vlmfast.fleet.report import load_fleet
-
-    findings = check_findings(load_fleet(db))
+    findings = files.findings  # the report's, checked once on the store's numbers
     _log("\nDo the seed papers' findings reappear on this fleet? (values in percent; rule: vlmfast.fleet.findings)\n")
     _log(findings_markdown(findings))
     failed = len(runs.failed) + sum(s.n_failed for s in summaries)

@@ -778,15 +778,18 @@ def _images_section(images: Mapping[str, list]) -> str:
 
 
 def render_html(fleet: Fleet, plots: Sequence[tuple[str, str]] = (), notes: Sequence[str] = (), *,
-                title: str = "vlmfast fleet report", images: Mapping[str, list] | None = None) -> str:
+                title: str = "vlmfast fleet report", images: Mapping[str, list] | None = None,
+                findings: Sequence[Any] | None = None) -> str:
     """The report page (module docs) of ``fleet`` with the written ``plots`` (``[(relative path, caption)]``),
-    ``images`` (:func:`_images`) and ``notes``."""
+    ``images`` (:func:`_images`), ``notes`` and ``findings`` (:func:`vlmfast.fleet.findings.check_findings` of
+    ``fleet``; computed here when None)."""
     generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     n_results = sum(len(v) for v in fleet.results.values())
     audits = [a for a in AUDIT_TABLES if fleet.results[a]]
-    from vlmfast.fleet.findings import check_findings
+    if findings is None:
+        from vlmfast.fleet.findings import check_findings
 
-    findings = check_findings(fleet)
+        findings = check_findings(fleet)
     nav = [("findings", "Findings"), ("summary", "Summary"), ("plots", "Plots"), ("images", "Images")]
     nav += [(f"audit-{a}", a) for a in audits] + [
         ("models", "Models"), ("failures", f"Failures ({len(fleet.failures)})"), ("provenance", "Provenance"),
@@ -900,12 +903,14 @@ def _formats(formats: str | Sequence[str]) -> list[str]:
 @dataclass
 class ReportFiles:
     """What :func:`write_report` wrote: ``index`` (``out/index.html``, None without ``html``), every file written
-    (``files``, in order: exports, plots, the page) and the page's ``notes`` (plots skipped and why, ...)."""
+    (``files``, in order: exports, plots, the page), the page's ``notes`` (plots skipped and why, ...) and its
+    ``findings`` (:class:`vlmfast.fleet.findings.Finding`)."""
 
     out: Path
     index: Path | None = None
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    findings: list[Any] = field(default_factory=list)  # the page's findings (with html)
 
 
 def write_report(db: str | os.PathLike | AuditStore, out: str | os.PathLike, *,
@@ -947,14 +952,16 @@ def write_report(db: str | os.PathLike | AuditStore, out: str | os.PathLike, *,
     from vlmfast._cache import atomic_target
     from vlmfast.fleet.findings import check_findings
 
+    result.findings = check_findings(fleet)
     findings_path = out / "findings.json"
     with atomic_target(findings_path) as tmp:
-        tmp.write_text(json.dumps([f.as_dict() for f in check_findings(fleet)], indent=1, allow_nan=False),
+        tmp.write_text(json.dumps([f.as_dict() for f in result.findings], indent=1, allow_nan=False),
                        encoding="utf-8")
     result.files.append(findings_path)
     index = out / "index.html"
     with atomic_target(index) as tmp:
-        tmp.write_text(render_html(fleet, written, result.notes, title=title, images=images), encoding="utf-8")
+        tmp.write_text(render_html(fleet, written, result.notes, title=title, images=images,
+                                   findings=result.findings), encoding="utf-8")
     result.index = index
     result.files.append(index)
     return result
