@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-__all__ = ["KINDS", "LoadedModel", "ManifestEntry", "checkpoint_files", "load_entry", "load_manifest",
+__all__ = ["KINDS", "LoadedModel", "ManifestEntry", "checkpoint_files", "load_backbone", "load_entry", "load_manifest",
            "model_key", "sha256_stream", "weights_digest", "write_manifest"]
 
 KINDS = ("clip", "classifier", "base", "prompt")
@@ -474,6 +474,20 @@ class LoadedModel:
         return self.classifier if self.classifier is not None else self.clip
 
 
+def load_backbone(entry: ManifestEntry, *, device: Any = None, progress: bool | None = False) -> Any:
+    """The CLIP backbone of a ``prompt`` entry (eval mode): ``pretrain_base``'s cached model for a base backbone,
+    else its checkpoint (SHA-256 verified)."""
+    if entry.base_backbone:
+        from vlmfast.models import pretrain_base
+
+        model, _ = pretrain_base(config=entry.config, preset=entry.preset, device=device, progress=progress)
+    else:
+        from vlmfast.models import load_checkpoint
+
+        model, _ = load_checkpoint(checkpoint_files(entry)["backbone"], device=device)
+    return model.eval()
+
+
 def load_entry(entry: ManifestEntry, *, device: Any = None, progress: bool | None = False) -> LoadedModel:
     """Load an entry (module docs): ``base`` through :func:`vlmfast.models.pretrain_base` (cached), a finetune
     folder through :func:`vlmfast.tuning.robust.load_robust`, a checkpoint through
@@ -483,17 +497,10 @@ def load_entry(entry: ManifestEntry, *, device: Any = None, progress: bool | Non
     for a broken model."""
     if entry.kind == "prompt":
         files = checkpoint_files(entry)
-        if entry.base_backbone:
-            from vlmfast.models import pretrain_base
-
-            model, _ = pretrain_base(config=entry.config, preset=entry.preset, device=device, progress=progress)
-        else:
-            from vlmfast.models import load_checkpoint
-
-            model, _ = load_checkpoint(files["backbone"], device=device)
+        model = load_backbone(entry, device=device, progress=progress)
         from vlmfast.tuning.prompt import load_prompt_learner
 
-        learner = load_prompt_learner(files["learner"], model.eval())
+        learner = load_prompt_learner(files["learner"], model)
         return LoadedModel(entry, model, None, dict(getattr(learner, "card_on_disk", {}) or {}), learner.eval())
     if entry.kind == "base":
         from vlmfast.models import pretrain_base

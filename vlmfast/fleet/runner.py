@@ -62,7 +62,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from vlmfast.fleet.manifest import LoadedModel, ManifestEntry, load_entry, load_manifest, model_key
+from vlmfast.fleet.manifest import (LoadedModel, ManifestEntry, load_backbone, load_entry, load_manifest,
+                                    model_key)
 from vlmfast.fleet.store import AUDIT_TABLES, AuditStore, data_fingerprint, settings_key
 
 __all__ = ["AUDITS", "DEFAULT_SPLITS", "Audit", "AuditOutput", "FleetSummary", "ModelReport", "RunOptions", "Split",
@@ -558,21 +559,6 @@ def prompt_groups(entries: Sequence[ManifestEntry]) -> dict[tuple[str, ...], lis
     return {k: v for k, v in groups.items() if len(v) > 1}
 
 
-def _load_backbone(entry: ManifestEntry, device: Any, bars: bool) -> Any:
-    from vlmfast.fleet.manifest import checkpoint_files
-
-    if entry.base_backbone:
-        from vlmfast.models import pretrain_base
-
-        model, _ = pretrain_base(config=entry.config, preset=entry.preset, device=device,
-                                 progress=None if bars else False)
-    else:
-        from vlmfast.models import load_checkpoint
-
-        model, _ = load_checkpoint(checkpoint_files(entry)["backbone"], device=device)
-    return model.eval()
-
-
 def _worst_group_many(xn: Any, wn: Any, scale: Any, labels: Any, present: Any, chunk_elems: int = 1 << 22) -> Any:
     """(M,) worst-group accuracy (groups class x feature present) of M heads ``wn`` (M, C, D) on ``xn`` (N, D),
     both normalized; the (M, N, C) logits exist one block of heads at a time."""
@@ -857,7 +843,7 @@ def audit_fleet(
 
         t0 = time.perf_counter()
         try:
-            backbone = _load_backbone(members[0], device, bars)
+            backbone = load_backbone(members[0], device=device, progress=None if bars else False)
         except Exception as e:
             for entry in members:
                 rep = ModelReport(entry.name, "done")
