@@ -227,10 +227,7 @@ def _calibration_logits(target: Any, data: Any, settings: Mapping[str, Any], opt
     else:
         clf = target if isinstance(target, ImageClassifier) else zero_shot_classifier(
             target, list(data.classnames), list(settings["templates"]))
-        if in_memory(data):
-            logits, _ = predict(clf, data, batch_size=max(opts.batch_size, 1))
-        else:
-            logits = _stream_logits(clf, data, max(opts.batch_size, 1))
+        logits, _ = predict(clf, data, batch_size=max(opts.batch_size, 1))  # streams batch by batch
     return logits.float().cpu(), feats
 
 
@@ -240,24 +237,6 @@ def in_memory(data: Any) -> bool:
     import torch
 
     return isinstance(getattr(data, "images", None), torch.Tensor)
-
-
-def _stream_logits(clf: Any, data: Any, batch_size: int) -> Any:
-    """A classifier's logits over a streamed split, one decoded batch at a time (the order of the stream)."""
-    import torch
-
-    from vlmfast.data.stream import loader
-    from vlmfast.models.factory import preprocess_for
-
-    dev = next(clf.parameters()).device
-    was = clf.training
-    clf.eval()
-    out = []
-    with torch.no_grad():
-        for b in loader(data, batch_size):
-            out.append(clf.head(clf.features(preprocess_for(clf, b["image"]).to(dev))).float().cpu())
-    clf.train(was)
-    return torch.cat(out)
 
 
 def worst_group_accuracy(logits: Any, labels: Any, has_spurious: Any) -> float:
@@ -559,7 +538,7 @@ def prompt_groups(entries: Sequence[ManifestEntry]) -> dict[tuple[str, ...], lis
     return {k: v for k, v in groups.items() if len(v) > 1}
 
 
-def _worst_group_many(xn: Any, wn: Any, scale: Any, labels: Any, present: Any, chunk_elems: int = 1 << 22) -> Any:
+def _worst_group_many(xn: Any, wn: Any, labels: Any, present: Any, chunk_elems: int = 1 << 22) -> Any:
     """(M,) worst-group accuracy (groups class x feature present) of M heads ``wn`` (M, C, D) on ``xn`` (N, D),
     both normalized; the (M, N, C) logits exist one block of heads at a time."""
     import torch
@@ -573,7 +552,7 @@ def _worst_group_many(xn: Any, wn: Any, scale: Any, labels: Any, present: Any, c
     step = max(1, chunk_elems // max(1, N * C))
     for h0 in range(0, M, step):
         h1 = min(M, h0 + step)
-        pred = torch.matmul(xn, wn[h0:h1].transpose(1, 2)).argmax(-1)  # (h, N); the scale does not move argmax
+        pred = torch.matmul(xn, wn[h0:h1].transpose(1, 2)).argmax(-1)  # (h, N); a positive scale moves no argmax
         correct = (pred == labels).double()
         c = torch.zeros(h1 - h0, 2 * C, dtype=torch.float64).index_add_(1, g, correct)
         out[h0:h1] = (c[:, valid] / n[valid]).min(1).values
@@ -609,7 +588,7 @@ def grouped_calibration_rows(feats: Any, heads: Any, scale: Any, data: Any, trai
     if getattr(data, "has_spurious", None) is not None:
         xn = torch.nn.functional.normalize(feats, dim=-1)
         wn = torch.nn.functional.normalize(heads, dim=-1)
-        wg = _worst_group_many(xn, wn, scale, labels, torch.as_tensor(data.has_spurious).bool().flatten())
+        wg = _worst_group_many(xn, wn, labels, torch.as_tensor(data.has_spurious).bool().flatten())
         for m in range(M):
             rows[m].append((split, "worst_group_accuracy", float(wg[m])))
     names = list(data.classnames)

@@ -591,16 +591,23 @@ def sigma_min(features: torch.Tensor) -> float:
 
 @torch.no_grad()
 def predict(classifier: ImageClassifier, data: Any, *, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits (N, C), features (N, D))`` of a dataset's images (float32, CPU)."""
+    """``(logits (N, C), features (N, D))`` of a dataset's images (float32, CPU): an in-memory dataset or image
+    tensor, or a streamed dataset (:class:`vlmfast.data.ImageFolderStream`, read one decoded batch at a time)."""
     from vlmfast.models.factory import preprocess_for
 
-    images = torch.as_tensor(data.images if hasattr(data, "images") else data)
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(getattr(data, "images", None), torch.Tensor):
+        from vlmfast.data.stream import loader
+
+        batches = (b["image"] for b in loader(data, batch_size))
+    else:
+        images = torch.as_tensor(data.images if hasattr(data, "images") else data)
+        batches = (images[s:s + batch_size] for s in range(0, images.shape[0], batch_size))
     dev = next(classifier.parameters()).device
     was = classifier.training
     classifier.eval()
     logits, feats = [], []
-    for s in range(0, images.shape[0], batch_size):
-        x = preprocess_for(classifier, images[s:s + batch_size]).to(dev)  # reads classifier.visual's size/norm
+    for batch in batches:
+        x = preprocess_for(classifier, batch).to(dev)  # reads classifier.visual's size/norm
         f = classifier.features(x)
         logits.append(classifier.head(f).float().cpu())
         feats.append(f.float().cpu())
