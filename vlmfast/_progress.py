@@ -8,7 +8,7 @@ import contextlib
 import contextvars
 from typing import Any, Callable, Iterable, Iterator
 
-__all__ = ["batch_bars", "bar"]
+__all__ = ["bar", "batch_bars", "iterate"]
 
 #: ``factory(total, desc, unit) -> object with update(n) and close()``, or None for tqdm.
 _FACTORY: contextvars.ContextVar[Callable[[int | None, str, str], Any] | None] = contextvars.ContextVar(
